@@ -1,0 +1,184 @@
+"""The ``gptoss`` command: parses options and hands them to the module that owns the subcommand.
+
+No logic lives here. Every subcommand runs under ``_guard``, which turns a ``GptossError`` into one
+line on stderr and a non-zero exit, and Ctrl-C into a clean exit; tracebacks are only shown with
+``GPTOSS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import GptossError
+
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+
+app = typer.Typer(
+    name="gptoss",
+    help="Chat with, benchmark, download and evaluate OpenAI's gpt-oss models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _error(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+
+
+def _guard(fn):
+    """Run a subcommand; user errors become one line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GptossError as e:
+            if os.environ.get("GPTOSS_DEBUG"):
+                raise
+            from rich.markup import escape
+
+            _error(escape(str(e)))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # a bug of ours: say so in one line, keep the traceback opt-in
+            if os.environ.get("GPTOSS_DEBUG"):
+                raise
+            from rich.markup import escape
+
+            _error(escape(f"internal error: {type(e).__name__}: {e} (set GPTOSS_DEBUG=1 for the traceback)"))
+            raise typer.Exit(70) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        print(f"gptoss {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Chat with, benchmark, download and evaluate OpenAI's gpt-oss models."""
+
+
+MODEL_HELP = "A checkpoint folder, a hub id in the local Hugging Face cache, or a preset name."
+
+
+@app.command()
+@_guard
+def download(
+    model: str = typer.Argument("gpt-oss-20b", help="gpt-oss-20b, gpt-oss-120b, a hub repo id, or tiny-random."),
+    layout: str = typer.Option("hf", "--layout", help="Which weight files to fetch: hf (repo root) or original."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download into this folder instead of the Hugging Face cache."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit of the hub repo."),
+    list_: bool = typer.Option(False, "--list", help="List the models already on disk, with their sizes."),
+    eval_name: Optional[str] = typer.Option(None, "--eval", help="Fetch an eval data set (aime25, gpqa-diamond) instead of a model."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Fetch a gpt-oss model from the Hugging Face hub (or write a tiny random one offline)."""
+    from . import download as mod
+
+    mod.run(model=model, layout=layout, local_dir=local_dir, revision=revision, list_=list_,
+            eval_name=eval_name, yes=yes)
+
+
+@app.command()
+@_guard
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    effort: str = typer.Option("medium", "--effort", "-e", help="Reasoning effort: low, medium or high."),
+    system: Optional[str] = typer.Option(None, "--system", help="Extra text for the system message."),
+    developer: Optional[str] = typer.Option(None, "--developer", help="Developer instructions."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Most tokens generated per reply."),
+    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    reasoning: str = typer.Option("show", "--reasoning", help="show or hide the reasoning."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt and exit ('-' reads stdin)."),
+    json_out: bool = typer.Option(False, "--json", help="With --prompt: print one JSON object."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
+):
+    """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
+    from . import chat as mod
+
+    mod.run(model=model, effort=effort, system=system, developer=developer, temperature=temperature,
+            top_p=top_p, max_tokens=max_tokens, context=context, seed=seed, reasoning=reasoning,
+            prompt=prompt, json_out=json_out, device=device, dtype=dtype, yes=yes)
+
+
+@app.command()
+@_guard
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    random_weights: Optional[str] = typer.Option(None, "--random-weights", help="Random MXFP4 weights in a preset's shape (gpt-oss-20b, gpt-oss-120b, small, tiny)."),
+    prompt_lens: str = typer.Option("128,2048", "--prompt-lens", help="Comma-separated prompt lengths."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens decoded per run."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
+    context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated cache depths to decode after."),
+    repeat: int = typer.Option(3, "--repeat", help="Measured runs per configuration."),
+    warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs per configuration."),
+    fmt: str = typer.Option("table", "--format", help="table, json, csv or md."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result to compare with."),
+    max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed slowdown against --baseline."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
+):
+    """Measure prefill and decode speed, time to first token and memory."""
+    from . import bench as mod
+
+    mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,
+            batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt,
+            output=output, baseline=baseline, max_regression=max_regression, device=device,
+            dtype=dtype, graph=graph)
+
+
+@app.command("eval")
+@_guard
+def eval_(
+    suites: List[str] = typer.Argument(..., help="Suite names (see --list) or data files."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    effort: str = typer.Option("low", "--effort", help="Comma-separated efforts: low,medium,high."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many problems per suite."),
+    samples: int = typer.Option(1, "--samples", help="Samples per problem."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and problem generation."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report; an existing one is resumed."),
+    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit non-zero if a score is below this (0-1)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 is greedy."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens generated per answer."),
+    context: int = typer.Option(8192, "--context", help="Context length in tokens."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+):
+    """Score a model on eval suites; exit non-zero under --fail-under."""
+    from . import evals as mod
+
+    mod.run(suites=suites, model=model, effort=effort, limit=limit, samples=samples, seed=seed,
+            output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
+            context=context, device=device, dtype=dtype)
+
+
+if __name__ == "__main__":
+    app()
