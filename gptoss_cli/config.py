@@ -40,6 +40,7 @@ class ModelConfig:
     max_context: int = 131072          # max_position_embeddings
     # per layer: True when the layer attends within the sliding window; default: even layers
     windowed_layers: tuple[bool, ...] = field(default=())
+    random_weights: bool = False       # written by gptoss as noise (synthetic.py); say so when used
 
     def __post_init__(self):
         if not self.windowed_layers:
@@ -94,6 +95,8 @@ class ModelConfig:
         }
 
     def replace(self, **changes) -> "ModelConfig":
+        if "n_layers" in changes and "windowed_layers" not in changes:
+            changes["windowed_layers"] = ()  # recomputed: windows on the even layers
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
@@ -239,6 +242,7 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             max_context=int(raw.get("max_position_embeddings", 131072)),
             windowed_layers=windowed,
+            random_weights=bool(raw.get("gptoss_random_weights", False)),
         )
 
     @classmethod
@@ -264,6 +268,7 @@ class ModelConfig:
             rope_ntk_alpha=float(raw.get("rope_ntk_alpha", 1.0)),
             rope_ntk_beta=float(raw.get("rope_ntk_beta", 32.0)),
             max_context=int(initial * factor),
+            random_weights=bool(raw.get("gptoss_random_weights", False)),
         )
 
     @classmethod

@@ -1,0 +1,291 @@
+"""``Engine``: load a gpt-oss checkpoint and turn token ids into logits and new token ids.
+
+The library API of DESIGN.md 2. The engine knows nothing about text or Harmony (that lives in
+``harmony.py`` above it); it owns one model, one KV cache and the tokens that cache holds.
+
+Prefix reuse: a call whose tokens share a prefix with what is cached continues from there. Full
+layers keep every position, so they can always go back; the windowed layers' rings cannot, once
+a position is overwritten. So the engine keeps small copies of the rings at the end of each
+prompt (``RingSnapshot``, with the last logits), and resumes from the latest one that the new
+tokens still share when the rings themselves cannot go back far enough. A chat turn, whose
+rendering drops the previous reply's analysis, resumes from the previous prompt's snapshot.
+Whatever path is taken, the result is exactly what a fresh engine computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .cache import RingSnapshot
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import ContextFullError, GptossError
+from .model import Transformer
+
+PREFILL_CHUNK = 2048      # tokens per forward during prefill (bounds activation memory)
+MAX_SNAPSHOTS = 8
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GptossError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptossError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise GptossError(f"device {device!r} is not supported", "use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise GptossError(f"unknown dtype {dtype!r}", "use auto, bfloat16 or float32")
+    return table[dtype]
+
+
+@dataclass
+class GenerationStats:
+    """What the last ``generate`` call did, for stats lines and benchmarks (seconds)."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0        # prompt tokens whose KV came from the cache
+    prefill_tokens: int = 0       # prompt tokens actually computed
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0    # from the call to the first token
+    decode_tokens: int = 0        # tokens produced after the first
+    decode_s: float = 0.0
+    stop_reason: str = ""         # "stop" (a stop token), "length" (max_new_tokens), "context"
+    token_times: list[float] = field(default_factory=list)  # seconds since the call, per token
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("token_times")
+        return d
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token id from float32 logits [V]: greedy at temperature 0, else softmax(logits / T)
+    restricted to the smallest set of tokens whose mass reaches ``top_p``."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p     # always keeps the first
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """One gpt-oss model, its KV cache, and the tokens that cache holds."""
+
+    def __init__(self, model: Transformer, folder: Path | None = None):
+        self.model = model
+        self.config: ModelConfig = model.cfg
+        self.folder = folder
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_context = model.max_context
+        self.cache = model.new_cache(1)
+        self.cached_tokens: list[int] = []       # tokens whose KV is in the cache
+        self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
+        self.last_stats = GenerationStats()
+        self._tokenizer = None
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
+             max_context: int = 8192) -> "Engine":
+        """Load a checkpoint folder, a hub id in the local HF cache, or a named local model."""
+        from .resolve import resolve_model
+
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        ckpt = Checkpoint.open(resolve_model(model))
+        ctx = _check_context(max_context, ckpt.config)
+        tensors = ckpt.load(dev, dt)
+        return cls(Transformer(ckpt.config, tensors, ctx), folder=ckpt.folder)
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, device: str = "auto", dtype: str | torch.dtype = "auto",
+               max_context: int = 8192, seed: int = 0) -> "Engine":
+        """Random MXFP4 weights in ``cfg``'s shapes, drawn straight on the device (benchmarks)."""
+        from .synthetic import random_tensors
+
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        cfg = cfg.replace(random_weights=True)
+        tensors = random_tensors(cfg, device=dev, dtype=dt, seed=seed)
+        return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)))
+
+    @property
+    def tokenizer(self):
+        """The ``o200k_harmony`` tiktoken encoding, built from the model folder on first use."""
+        if self._tokenizer is None:
+            from .tokenizer import load_encoding
+
+            self._tokenizer = load_encoding(self.folder)
+        return self._tokenizer
+
+    # ---- the API -----------------------------------------------------------------------------
+    def logits(self, tokens: Iterable[int]) -> torch.Tensor:
+        """float32 logits [len(tokens), vocab] of a fresh sequence (the cache is reset)."""
+        tokens = self._check_tokens(tokens)
+        self._reset()
+        out = []
+        for s in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[s:s + PREFILL_CHUNK]
+            h = self.model.forward(self._tensor(chunk), self.cache, s)
+            out.append(self.model.logits(h[0]))
+            self.cached_tokens = tokens[:s + len(chunk)]
+        return torch.cat(out).cpu()
+
+    def generate(
+        self, tokens: Iterable[int], max_new_tokens: int = 256, temperature: float = 1.0,
+        top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids; stops after a stop token, ``max_new_tokens``, or a full context.
+
+        The cache always holds exactly ``cached_tokens``, so breaking out of the loop (or Ctrl-C)
+        leaves a state the next call reuses.
+        """
+        tokens = self._check_tokens(tokens)
+        stop = set(int(t) for t in stop_tokens)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        st = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        t0 = time.perf_counter()
+        logits = self._prefill(tokens, st)
+        st.prefill_s = time.perf_counter() - t0
+        pos = len(tokens)
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, gen)
+            now = time.perf_counter() - t0
+            st.token_times.append(now)
+            if i == 0:
+                st.first_token_s = now
+            else:
+                st.decode_tokens, st.decode_s = i, now - st.first_token_s
+            yield tok
+            if tok in stop:
+                st.stop_reason = "stop"
+                return
+            if pos >= self.max_context:
+                st.stop_reason = "context"
+                return
+            if i + 1 == max_new_tokens:
+                break
+            logits = self._step(tok, pos)
+            pos += 1
+        st.stop_reason = "length"
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise GptossError("the prompt is empty: give at least one token")
+        V = self.config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < V), None)
+        if bad is not None:
+            raise GptossError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+        if len(tokens) >= self.max_context:
+            raise ContextFullError(
+                f"the prompt has {len(tokens)} tokens; the context holds {self.max_context}",
+                "start a new conversation or raise --context",
+            )
+        return tokens
+
+    def _tensor(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], dtype=torch.long, device=self.device)     # [1, T]
+
+    def _reset(self) -> None:
+        self.cache.reset()
+        self.cached_tokens = []
+        self.snapshots = []
+
+    def _resume_point(self, tokens: list[int]) -> tuple[int, RingSnapshot | None]:
+        """The longest usable cached prefix: (position to compute from, snapshot to restore)."""
+        common = 0
+        for a, b in zip(self.cached_tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        self.snapshots = [s for s in self.snapshots if s.length <= common]
+        best = min(common, len(tokens) - 1)       # at least one token to get logits from
+        if self.cache.can_rewind(best):
+            snap = self.snapshots[-1] if self.snapshots else None
+            if snap is not None and snap.length == len(tokens) and snap.logits is not None:
+                return snap.length, snap                # the whole prompt, logits included
+            return best, None
+        for snap in reversed(self.snapshots):
+            if snap.length <= best or (snap.length == len(tokens) and snap.logits is not None):
+                return snap.length, snap
+        return 0, None
+
+    def _prefill(self, tokens: list[int], st: GenerationStats) -> torch.Tensor:
+        start, snap = self._resume_point(tokens)
+        if snap is not None:
+            self.cache.restore(snap)
+        elif start == 0:
+            self.cache.reset()
+        else:
+            self.cache.rewind(start)
+        self.cached_tokens = tokens[:start]
+        st.reused_tokens, st.prefill_tokens = start, len(tokens) - start
+        if start == len(tokens):
+            return snap.logits
+        logits = None
+        for s in range(start, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[s:s + PREFILL_CHUNK]
+            h = self.model.forward(self._tensor(chunk), self.cache, s)
+            self.cached_tokens = tokens[:s + len(chunk)]
+            logits = self.model.logits(h[0, -1])
+        self.snapshots = [s for s in self.snapshots if s.length < len(tokens)][-(MAX_SNAPSHOTS - 1):]
+        self.snapshots.append(self.cache.snapshot(logits))
+        return logits
+
+    def _step(self, tok: int, pos: int) -> torch.Tensor:
+        h = self.model.forward(self._tensor([tok]), self.cache, pos)
+        self.cached_tokens.append(tok)
+        return self.model.logits(h[0, -1])
+
+
+def _check_context(max_context: int, cfg: ModelConfig) -> int:
+    if max_context < 16:
+        raise GptossError(f"a context of {max_context} tokens is too small", "use at least 16")
+    if max_context > cfg.max_context:
+        raise GptossError(
+            f"a context of {max_context} tokens exceeds the model's {cfg.max_context}",
+            f"use --context {cfg.max_context} or less",
+        )
+    return max_context
+
+
+def memory_stats(device: torch.device) -> dict:
+    """Peak memory so far: CUDA allocator figures on GPU, the process's peak RSS on CPU (bytes)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "peak_allocated": torch.cuda.max_memory_allocated(device),
+            "peak_reserved": torch.cuda.max_memory_reserved(device),
+            "device_used": total - free,
+            "device_total": total,
+        }
+    import resource
+
+    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -1,0 +1,137 @@
+"""The gpt-oss forward pass, written once over the ops of ``ops.py``.
+
+Pre-norm blocks: ``x += attn(rmsnorm(x))``, ``x += moe(rmsnorm(x))``; the final RMSNorm and the
+untied unembedding give the logits. Attention layers alternate between a sliding window (even
+layers) and full causal attention (odd layers); the cache (``cache.py``) follows the same split.
+The model holds its weights as canonical tensors (``checkpoint.py``) and knows nothing about
+text or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import KVCache
+from .config import ModelConfig
+
+
+@dataclass
+class Block:
+    """One transformer block's weights (canonical names ``blocks.N.*``)."""
+
+    attn_norm: torch.Tensor   # [D] float32
+    qkv_w: torch.Tensor       # [H*dh + 2*K*dh, D]
+    qkv_b: torch.Tensor       # [H*dh + 2*K*dh]
+    sinks: torch.Tensor       # [H] float32
+    out_w: torch.Tensor       # [D, H*dh]
+    out_b: torch.Tensor       # [D]
+    mlp_norm: torch.Tensor    # [D] float32
+    router_w: torch.Tensor    # [E, D]
+    router_b: torch.Tensor    # [E]
+    w1_blocks: torch.Tensor   # [E, 2F, D/32, 16] uint8
+    w1_scales: torch.Tensor   # [E, 2F, D/32] uint8
+    w1_bias: torch.Tensor     # [E, 2F]
+    w2_blocks: torch.Tensor   # [E, D, F/32, 16] uint8
+    w2_scales: torch.Tensor   # [E, D, F/32] uint8
+    w2_bias: torch.Tensor     # [E, D]
+    window: int               # sliding window, 0 for full attention
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], i: int, window: int) -> "Block":
+        p = f"blocks.{i}."
+        return cls(
+            attn_norm=t[p + "attn.norm.scale"], qkv_w=t[p + "attn.qkv.weight"],
+            qkv_b=t[p + "attn.qkv.bias"], sinks=t[p + "attn.sinks"],
+            out_w=t[p + "attn.out.weight"], out_b=t[p + "attn.out.bias"],
+            mlp_norm=t[p + "mlp.norm.scale"], router_w=t[p + "mlp.router.weight"],
+            router_b=t[p + "mlp.router.bias"], w1_blocks=t[p + "mlp.w1.blocks"],
+            w1_scales=t[p + "mlp.w1.scales"], w1_bias=t[p + "mlp.w1.bias"],
+            w2_blocks=t[p + "mlp.w2.blocks"], w2_scales=t[p + "mlp.w2.scales"],
+            w2_bias=t[p + "mlp.w2.bias"], window=window,
+        )
+
+
+class Transformer:
+    """gpt-oss over canonical tensors, for ``max_context`` positions."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], max_context: int):
+        self.cfg = cfg
+        self.max_context = max_context
+        self.embedding = tensors["embedding.weight"]
+        self.norm = tensors["norm.scale"]
+        self.unembedding = tensors["unembedding.weight"]
+        self.blocks = [
+            Block.from_tensors(tensors, i, cfg.sliding_window if w else 0)
+            for i, w in enumerate(cfg.windowed_layers)
+        ]
+        self.device = self.embedding.device
+        self.dtype = self.embedding.dtype
+        self.cos, self.sin = ops.rope_table(
+            max_context, cfg.d_head, cfg.rope_theta, cfg.rope_scaling_factor,
+            cfg.initial_context_length, cfg.rope_ntk_alpha, cfg.rope_ntk_beta,
+            cfg.yarn_concentration, device=self.device,
+        )
+        self.scale = 1.0 / math.sqrt(cfg.d_head)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(self.cfg, batch, self.max_context, self.dtype, self.device)
+
+    def nbytes(self) -> int:
+        seen = [self.embedding, self.norm, self.unembedding] + [
+            t for b in self.blocks for t in vars(b).values() if isinstance(t, torch.Tensor)
+        ]
+        return sum(t.numel() * t.element_size() for t in seen)
+
+    def attention(self, b: Block, x: torch.Tensor, layer, start: int) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        qkv = F.linear(ops.rmsnorm(x, b.attn_norm, cfg.rms_norm_eps), b.qkv_w, b.qkv_b)
+        q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
+        k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
+        v = v.view(B, T, cfg.n_kv_heads, cfg.d_head)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        keys, values, k_pos = layer.update(k, v, start)
+        q_pos = torch.arange(start, start + T, device=x.device)
+        o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale)
+        return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
+
+    def mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        h = ops.rmsnorm(x, b.mlp_norm, cfg.rms_norm_eps)
+        y = ops.moe(
+            h.reshape(-1, cfg.d_model), b.router_w, b.router_b, b.w1_blocks, b.w1_scales,
+            b.w1_bias, b.w2_blocks, b.w2_scales, b.w2_bias, cfg.n_experts_per_token,
+            cfg.swiglu_limit,
+        )
+        return y.view(x.shape)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """tokens [B, T] at positions start .. start+T-1 -> final hidden states [B, T, D].
+
+        Writes the tokens' keys and values into ``cache``; positions before ``start`` must be
+        there already.
+        """
+        T = tokens.shape[1]
+        if start + T > self.max_context:
+            raise ValueError(f"positions up to {start + T} exceed the context of {self.max_context}")
+        cache.dirty = True
+        x = self.embedding[tokens]                                           # [B, T, D]
+        for b, layer in zip(self.blocks, cache.layers):
+            x = x + self.attention(b, x, layer, start)
+            x = x + self.mlp(b, x)
+        cache.length = start + T
+        cache.dirty = False
+        return ops.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., D] -> float32 logits [..., vocab]."""
+        return F.linear(hidden, self.unembedding).float()

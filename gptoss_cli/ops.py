@@ -1,0 +1,160 @@
+"""The model's operations, one function each, in plain PyTorch.
+
+These are the references: the forward pass (``model.py``) calls only these functions, and the
+Triton kernels of ``gptoss_kernels`` slot in underneath with the same signatures on CUDA. Norms,
+softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
+
+Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh, ``n_experts`` E,
+``d_model`` D, ``d_ff`` F.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# FP4 E2M1 code -> value (OCP Microscaling spec, table 5); the high bit is the sign.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_LUTS: dict[tuple, torch.Tensor] = {}
+
+
+def _fp4_lut(device, dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUTS[key]
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 to dense: ``blocks`` uint8 [..., G, 16] (two codes a byte, low nibble first),
+    ``scales`` uint8 [..., G] (E8M0: 2^(s-127)) -> [..., G*32] in ``dtype``.
+
+    Exact in bf16 and fp32 for the scales a real checkpoint holds (every FP4 value has at most two
+    significant bits).
+    """
+    lut = _fp4_lut(blocks.device, torch.float32)
+    lo = lut[(blocks & 0x0F).long()]
+    hi = lut[(blocks >> 4).long()]
+    vals = torch.stack((lo, hi), dim=-1).flatten(-2)                        # [..., G, 32]
+    vals = torch.ldexp(vals, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return vals.flatten(-2).to(dtype)                                        # [..., G*32]
+
+
+def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32; ``scale`` is float32 [D]; returns x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * scale).to(x.dtype)
+
+
+def rope_table(
+    n_positions: int, d_head: int, theta: float, factor: float, initial_context: int,
+    beta_slow: float, beta_fast: float, concentration: float, device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [n_positions, d_head/2] in float32, with YaRN (arXiv:2309.00071) scaling.
+
+    NTK-by-parts: dims that rotate fewer than ``beta_slow`` times over the original context are
+    interpolated (divided by ``factor``), those rotating more than ``beta_fast`` times are kept,
+    a linear ramp (bounds not rounded) blends between. cos and sin are multiplied by
+    ``concentration`` (0.1 ln(factor) + 1).
+    """
+    d_half = d_head // 2
+    freq = theta ** (torch.arange(0, d_head, 2, dtype=torch.float32, device=device) / d_head)
+    if factor > 1.0:
+        low = d_half * math.log(initial_context / (beta_fast * 2 * math.pi)) / math.log(theta)
+        high = d_half * math.log(initial_context / (beta_slow * 2 * math.pi)) / math.log(theta)
+        low, high = max(low, 0.0), min(high, d_head - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d_half, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp                                   # 1: extrapolate (original frequency)
+        inv_freq = (1.0 / (factor * freq)) * (1 - keep) + (1.0 / freq) * keep
+    else:
+        inv_freq = 1.0 / freq
+    pos = torch.arange(n_positions, dtype=torch.float32, device=device)
+    angles = pos[:, None] * inv_freq[None, :]             # [n_positions, d_half]
+    return torch.cos(angles) * concentration, torch.sin(angles) * concentration
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head: x [B, T, heads, dh], cos/sin [T, dh/2] float32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention with learned sinks and an optional sliding window.
+
+    q [B, T, H, dh]; k, v [B, S, K, dh]; sinks [H] float32; q_pos [T] and k_pos [S] the absolute
+    positions of queries and cache slots (k_pos < 0: empty slot). A query at p sees keys at
+    positions p-window+1 .. p (window 0: all of 0 .. p). Query head h reads kv head h // (H/K).
+    The sink is one more logit per head in each row's softmax; it takes mass, adds no value.
+    Returns [B, T, H, dh] in q's dtype. Computed in float32, in chunks of queries.
+    """
+    B, T, H, dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    kf, vf = k.float(), v.float()
+    sink = sinks.float().view(1, K, G, 1, 1)
+    out = torch.empty_like(q)
+    chunk = max(1, (1 << 24) // max(1, B * H * S))
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        qc = q[:, t0:t1].float().view(B, t1 - t0, K, G, dh)
+        s = torch.einsum("btkgd,bskd->bkgts", qc, kf) * scale             # [B, K, G, t, S]
+        qp, kp = q_pos[t0:t1, None], k_pos[None, :]
+        allowed = (kp >= 0) & (kp <= qp)
+        if window:
+            allowed &= kp > qp - window
+        s = s.masked_fill(~allowed, float("-inf"))
+        s = torch.cat((s, sink.expand(B, K, G, t1 - t0, 1)), dim=-1)
+        p = torch.softmax(s, dim=-1)[..., :-1]
+        o = torch.einsum("bkgts,bskd->btkgd", p, vf)                        # [B, t, K, G, dh]
+        out[:, t0:t1] = o.reshape(B, t1 - t0, H, dh).to(q.dtype)
+    return out
+
+
+def swiglu(h: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved [.., 2F] (even: gate, odd: linear) -> [.., F]."""
+    gate, lin = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    lin = lin.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
+    """Router: top-k of the logits, softmax over those k only. x [N, D] -> (weights [N, k] float32,
+    experts [N, k] int64)."""
+    logits = F.linear(x, router_w, router_b)                                 # [N, E]
+    top, experts = torch.topk(logits, top_k, dim=-1, sorted=True)
+    return torch.softmax(top.float(), dim=-1), experts
+
+
+def moe(
+    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
+    w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
+    w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
+    top_k: int, swiglu_limit: float,
+) -> torch.Tensor:
+    """Top-k mixture of MXFP4 experts. x [N, D] -> [N, D] in x's dtype.
+
+    Each expert in use is dequantized on its own (never all of them): W1 [2F, D] with the
+    clamped SwiGLU after it, then W2 [D, F]; outputs are summed with the router weights.
+    """
+    weights, experts = route(x, router_w, router_b, top_k)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(experts).tolist():
+        tok, slot = torch.nonzero(experts == e, as_tuple=True)
+        w1 = dequant_mxfp4(w1_blocks[e], w1_scales[e], x.dtype)              # [2F, D]
+        a = swiglu(F.linear(x[tok], w1, w1_bias[e]), swiglu_limit)           # [n, F]
+        w2 = dequant_mxfp4(w2_blocks[e], w2_scales[e], x.dtype)              # [D, F]
+        y = F.linear(a, w2, w2_bias[e])                                      # [n, D]
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+    return out.to(x.dtype)
