@@ -142,6 +142,30 @@ class Engine:
             self._tokenizer = load_encoding(self.folder)
         return self._tokenizer
 
+    def runtime_info(self) -> dict:
+        """What runs: device, dtype, the op implementations, CUDA graph on/off, versions."""
+        import platform
+
+        info = {
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "ops": "pytorch-reference",
+            "cuda_graph": False,
+            "torch": torch.__version__,
+            "random_weights": self.config.random_weights,
+        }
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+        if self.device.type == "cuda":
+            info["cuda"] = torch.version.cuda
+            info["driver"] = _driver_version()
+        return info
+
     # ---- the API -----------------------------------------------------------------------------
     def logits(self, tokens: Iterable[int]) -> torch.Tensor:
         """float32 logits [len(tokens), vocab] of a fresh sequence (the cache is reset)."""
@@ -274,6 +298,17 @@ def _check_context(max_context: int, cfg: ModelConfig) -> int:
             f"use --context {cfg.max_context} or less",
         )
     return max_context
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def memory_stats(device: torch.device) -> dict:
