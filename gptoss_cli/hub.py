@@ -220,6 +220,9 @@ class CacheTarget:
         except OSError:  # no symlinks (Windows without developer mode): keep a copy, as huggingface_hub does
             shutil.copyfile(blob, pointer)
 
+    def unverified(self, f: RemoteFile) -> bool:
+        return False  # a blob's name is its hash: it was verified when it was written
+
     def finish(self) -> None:
         """Point ``refs/<revision>`` at the commit, now that its files are in place."""
         rev = self.listing.revision
@@ -248,15 +251,22 @@ class FolderTarget:
     def _metadata(self, f: RemoteFile) -> Path:
         return self._meta_dir() / f"{f.path}.metadata"
 
+    def _recorded_etag(self, f: RemoteFile) -> str | None:
+        meta = self._metadata(f)
+        lines = meta.read_text().splitlines() if meta.is_file() else []
+        return lines[1].strip() if len(lines) >= 2 else None
+
     def have(self, f: RemoteFile) -> int:
         final = self.final_path(f)
-        if final.is_file() and final.stat().st_size == f.size:
-            meta = self._metadata(f)
-            lines = meta.read_text().splitlines() if meta.is_file() else []
-            if len(lines) >= 2 and lines[1].strip() == f.etag:
-                return f.size
+        # A file of the right size with no metadata (copied here, or fetched by another tool) counts
+        # as present; ``fetch_one`` hashes it before trusting it.
+        if final.is_file() and final.stat().st_size == f.size and self._recorded_etag(f) in (f.etag, None):
+            return f.size
         part = self.partial_path(f)
         return part.stat().st_size if part.is_file() else 0
+
+    def unverified(self, f: RemoteFile) -> bool:
+        return self._recorded_etag(f) != f.etag
 
     def place(self, f: RemoteFile, data: Path | None) -> None:
         final = self.final_path(f)
@@ -322,12 +332,19 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    if target.have(f) == f.size and not target.partial_path(f).exists():
-        target.place(f, None)
-        progress.start(f, f.size)
-        progress.done(f)
-        return True
     part = target.partial_path(f)
+    if target.have(f) == f.size and not part.exists():
+        if target.unverified(f):
+            h = _hasher(f)
+            if _hash_file(target.final_path(f), h, stop) is None:
+                return False
+            if h.hexdigest() != (f.sha256 or f.blob_id):
+                target.final_path(f).unlink()  # another version of the file: fetch the hub's
+        if target.final_path(f).exists() or not target.unverified(f):
+            target.place(f, None)
+            progress.start(f, f.size)
+            progress.done(f)
+            return True
     part.parent.mkdir(parents=True, exist_ok=True)
     h = _hasher(f)
     have = 0
@@ -335,10 +352,9 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
         if part.stat().st_size > f.size:
             part.unlink()
         else:
-            with part.open("rb") as fh:  # hash what an earlier run fetched
-                while block := fh.read(CHUNK):
-                    h.update(block)
-                    have += len(block)
+            have = _hash_file(part, h, stop)  # what an earlier run fetched
+            if have is None:
+                return False
     progress.start(f, have)
     failures = 0
     while have < f.size:
@@ -366,16 +382,14 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
                         progress.advance(f, len(chunk))
                         if have > f.size:
                             break
-        except _transport_errors() as e:
-            failures += 1
-            if failures >= RETRIES or stop.is_set():
-                raise hub_error(e, listing.repo_id, listing.repo_type, listing.revision) from None
-            time.sleep(min(0.2 * 2 ** failures, 4))
-            continue
         except GptossError:
             raise
         except Exception as e:
-            raise hub_error(e, listing.repo_id, listing.repo_type, listing.revision) from None
+            failures += 1
+            if not _transient(e) or failures >= RETRIES or stop.is_set():
+                raise hub_error(e, listing.repo_id, listing.repo_type, listing.revision) from None
+            time.sleep(min(0.2 * 2 ** failures, 4))
+            continue
         if have < f.size:  # the body ended early without an error: ask for the rest
             failures += 1
             if failures >= RETRIES:
@@ -391,6 +405,27 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
     target.place(f, part)
     progress.done(f)
     return True
+
+
+def _hash_file(path: Path, h, stop: threading.Event) -> int | None:
+    """Feed ``path`` to ``h``; its size, or None if ``stop`` was set meanwhile."""
+    n = 0
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK):
+            if stop.is_set():
+                return None
+            h.update(block)
+            n += len(block)
+    return n
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another try: a dropped connection, a timeout, or the hub/CDN busy or failing."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        return e.response.status_code in (408, 429, 500, 502, 503, 504)
+    return isinstance(e, _transport_errors())
 
 
 def _write(fh, chunk: bytes, f: RemoteFile, target) -> None:
@@ -412,7 +447,13 @@ def fetch_all(listing: RepoListing, files: list[RemoteFile], target, progress: P
     progress = progress or _NoProgress()
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="gptoss-download")
-    futures = [pool.submit(fetch_one, listing, f, target, progress, stop) for f in files]
+    # Files with the same content share a blob (and its partial file) in the cache: fetch one of
+    # them, link the others afterwards.
+    first, later, seen = [], [], set()
+    for f in files:
+        (later if target.partial_path(f) in seen else first).append(f)
+        seen.add(target.partial_path(f))
+    futures = [pool.submit(fetch_one, listing, f, target, progress, stop) for f in first]
     try:
         pending = set(futures)
         while pending:
@@ -420,6 +461,8 @@ def fetch_all(listing: RepoListing, files: list[RemoteFile], target, progress: P
             for fut in done:
                 if fut.exception() is not None:
                     raise fut.exception()
+        for f in later:
+            fetch_one(listing, f, target, progress, stop)
     except BaseException as e:
         stop.set()
         for fut in futures:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,6 +82,7 @@ class FakeHub:
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.cut_once: dict[str, int] = {}   # path -> close the connection after this many bytes, once
         self.delay: dict[str, float] = {}    # path -> seconds to sleep per 16 kB sent
+        self.fail_once: dict[str, int] = {}  # path -> answer the next GET with this status
         self.server = _QuietServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -165,6 +167,8 @@ def _handler(state: FakeHub):
             name = m.group(4)
             if name not in repo.files:
                 return self._error(404, "EntryNotFound", f"{name} does not exist")
+            if body and name in state.fail_once:
+                return self._error(state.fail_once.pop(name), None, "busy")
             data = repo.serve.get(name, repo.files[name])
             headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{git_blob_id(data)}"', "Accept-Ranges": "bytes"}
             if name in repo.lfs:
@@ -252,12 +256,21 @@ def fake_hub(repo_files):
 def env(fake_hub, tmp_path, monkeypatch):
     """huggingface_hub pointed at the fake hub, with an empty cache and gptoss home under tmp_path."""
     monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("GPTOSS_HOME", str(tmp_path / "gptoss"))
     monkeypatch.setenv("COLUMNS", "200")
+    real_getaddrinfo = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):  # the tests never reach beyond this machine
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise AssertionError(f"a test tried to reach {host}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
     return fake_hub
 
 
@@ -466,6 +479,53 @@ def test_resumes_after_the_connection_drops(env, repo_files):
     assert [e[2] for e in env.gets(name)] == [None, "bytes=5000-"]
 
 
+def test_retries_when_the_hub_is_busy(env, repo_files):
+    name = "model-00001-of-00002.safetensors"
+    env.fail_once[name] = 503
+    folder = download.pull(REPO, assume_yes=True, console=Console(file=StringIO()))
+    assert (folder / name).read_bytes() == repo_files[name]
+    assert len(env.gets(name)) == 2
+
+
+def test_reuses_files_fetched_by_huggingface_hub(env, repo_files):
+    """A cache filled by hf_hub_download (as `hf download` fills it) counts as downloaded."""
+    from huggingface_hub import hf_hub_download
+
+    name = "model-00001-of-00002.safetensors"
+    for path in ("config.json", name):
+        hf_hub_download(REPO, path)
+    p = download.plan(REPO)
+    assert p.have[name] == len(repo_files[name]) and p.have["config.json"] == len(repo_files["config.json"])
+    assert p.to_fetch == p.total_bytes - len(repo_files[name]) - len(repo_files["config.json"])
+    n = len(env.gets(name))
+    folder = download.pull(REPO, assume_yes=True, console=Console(file=StringIO()))
+    assert len(env.gets(name)) == n
+    assert Checkpoint.open(folder).layout == "hf"
+
+
+def test_local_dir_files_without_metadata_are_checked_not_trusted(env, tmp_path, repo_files):
+    folder = tmp_path / "m"
+    same, other = "original/model.safetensors", "original/dtypes.json"
+    for name, data in ((same, repo_files[same]), (other, b"x" * len(repo_files[other]))):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    p = download.plan(REPO, layout="original", local_dir=folder)
+    assert p.have[same] == len(repo_files[same])
+    download.pull(REPO, layout="original", local_dir=folder, assume_yes=True, console=Console(file=StringIO()))
+    assert not env.gets(same)  # same bytes: hashed, kept
+    assert (folder / other).read_bytes() == repo_files[other]  # same size, other bytes: replaced
+
+
+def test_files_with_the_same_content_share_a_blob(env, repo_files):
+    files = dict(repo_files)
+    files["tokenizer_config.json"] = files["special_tokens_map.json"] = files["generation_config.json"] = b"{}"
+    env.add("someone/dupes", files)
+    folder = download.pull("someone/dupes", assume_yes=True, console=Console(file=StringIO()))
+    links = {os.readlink(folder / n) for n in ("tokenizer_config.json", "special_tokens_map.json",
+                                                "generation_config.json")}
+    assert len(links) == 1 and (folder / "special_tokens_map.json").read_bytes() == b"{}"
+
+
 def test_sha256_mismatch_is_caught_and_the_file_dropped(env, repo_files):
     name = "model-00001-of-00002.safetensors"
     bad = bytearray(repo_files[name])
@@ -520,8 +580,8 @@ def test_ctrl_c_keeps_the_partial_download_and_the_next_run_resumes(fake_hub, tm
     partial = None
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        parts = list((target / ".cache").rglob("*.incomplete")) if (target / ".cache").exists() else []
-        if parts and parts[0].stat().st_size > 50_000:
+        parts = list((target / ".cache").rglob("model.safetensors.*.incomplete")) if (target / ".cache").exists() else []
+        if parts and parts[0].stat().st_size > 50_000:  # only the slow weight file is still partial here
             partial = parts[0]
             break
         time.sleep(0.05)
