@@ -86,7 +86,7 @@ MODEL_HELP = "A checkpoint folder, a hub id in the local Hugging Face cache, or 
 @_guard
 def download(
     model: str = typer.Argument("gpt-oss-20b", help="gpt-oss-20b, gpt-oss-120b, a hub repo id, or tiny-random."),
-    layout: str = typer.Option("hf", "--layout", help="Which weight files to fetch: hf (repo root) or original."),
+    layout: str = typer.Option("hf", "--layout", help="Which weight files to fetch: hf (repo root), original (original/), or both."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download into this folder instead of the Hugging Face cache."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit of the hub repo."),
     list_: bool = typer.Option(False, "--list", help="List the models already on disk, with their sizes."),

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from . import hub
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, GptossError
@@ -226,13 +228,14 @@ def pull(model: str = "gpt-oss-20b", *, layout: str = "hf", local_dir: Path | No
         existing = on_disk(model, layout=layout, local_dir=local_dir, revision=revision)
         if existing is None:
             raise
-        console.print(f"[yellow]{e.message}[/]: using the copy already on disk, {existing}")
+        console.print(f"[yellow]{escape(e.message)}[/]: using the copy already on disk, {escape(str(existing))}",
+                      soft_wrap=True)
         return existing
     show_plan(p, console)
     need = p.to_fetch
     if need == 0:
         hub.fetch_all(p.listing, p.files, p.target)  # links the snapshot and writes the ref, if missing
-        console.print(f"[green]already downloaded:[/] {p.folder}")
+        console.print(f"[green]already downloaded:[/] {escape(str(p.folder))}", soft_wrap=True)
         return p.folder
     free = hub.free_space(p.target.root)
     if need > free:
@@ -241,15 +244,15 @@ def pull(model: str = "gpt-oss-20b", *, layout: str = "hf", local_dir: Path | No
             "free some space, or pass --local-dir on a disk with room",
         )
     resumed = p.total_bytes - need
-    console.print(f"{_size(need)} to download into {p.target.root} ({_size(free)} free)"
-                  + (f"; resuming, {_size(resumed)} already here" if resumed else ""))
+    console.print(f"{_size(need)} to download into {escape(str(p.target.root))} ({_size(free)} free)"
+                  + (f"; resuming, {_size(resumed)} already here" if resumed else ""), soft_wrap=True)
     if not assume_yes and not _confirm(console, f"Download {_size(need)}?"):
         raise GptossError("download cancelled; nothing was fetched")
     with _RichProgress(console, p.total_bytes, p.total_bytes - need) as progress:
         hub.fetch_all(p.listing, p.files, p.target, progress, workers=workers)
-    console.print(f"[green]downloaded and verified:[/] {p.folder}")
+    console.print(f"[green]downloaded and verified:[/] {escape(str(p.folder))}", soft_wrap=True)
     how = p.repo_id if local_dir is None else str(p.folder)
-    console.print(f"chat with it: gptoss chat --model {how}")
+    console.print(f"chat with it: gptoss chat --model {escape(how)}", soft_wrap=True)
     return p.folder
 
 
@@ -379,6 +382,7 @@ def list_local() -> list[LocalModel]:
 
 
 def print_list(models: list[LocalModel], console) -> None:
+    """A table of ``list_local()``: what to pass to ``--model`` for each, and its size."""
     from rich.table import Table
 
     if not models:
@@ -386,12 +390,18 @@ def print_list(models: list[LocalModel], console) -> None:
                       "`gptoss download tiny-random` writes a toy one offline")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("model", "layouts", "size", "where", "path"):
-        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    table.add_column("--model")
+    table.add_column("revision")
+    table.add_column("layouts")
+    table.add_column("size", justify="right")
+    table.add_column("note")
     for m in models:
-        name = m.name + (f" ({m.revision})" if m.revision else "") + (" (random weights)" if m.random_weights else "")
-        table.add_row(name, ",".join(m.layouts) or "-", _size(m.size), m.source, str(m.path))
+        default = m.source == "gptoss" or "main" in (m.revision or "").split(",")
+        table.add_row(escape(m.name if default else str(m.path)), escape(m.revision or "-"),
+                      ",".join(m.layouts) or "-", _size(m.size), "random weights" if m.random_weights else "")
     console.print(table)
+    console.print(f"Hugging Face cache: {escape(str(hub.cache_root()))}", soft_wrap=True)
+    console.print(f"gptoss models: {escape(str(local_models_dir()))}", soft_wrap=True)
 
 
 # ---- tiny-random and eval data ------------------------------------------------------------------
@@ -409,10 +419,10 @@ def write_tiny_random(local_dir: Path | None = None, console=None) -> Path:
         raise GptossError(f"{folder} already holds another model; not overwriting it with random weights",
                           "choose another --local-dir")
     write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=False)
-    console.print(f"[bold yellow]wrote tiny-random to {folder}: real file formats, RANDOM weights. "
-                  "Everything a model loaded from it says is noise.[/]")
+    console.print(f"[bold yellow]wrote tiny-random to {escape(str(folder))}: real file formats, RANDOM weights. "
+                  "Everything a model loaded from it says is noise.[/]", soft_wrap=True)
     how = TINY_RANDOM if local_dir is None else str(folder)
-    console.print(f"try it: gptoss chat --model {how}")
+    console.print(f"try it: gptoss chat --model {escape(how)}", soft_wrap=True)
     return folder
 
 
@@ -440,7 +450,7 @@ def fetch_eval(name: str, *, revision: str | None = None, console=None) -> Path:
     total = sum(f.size for f in files)
     with _RichProgress(console, total, total - need) as progress:
         hub.fetch_all(listing, files, target, progress, workers=2)
-    console.print(f"[green]{name} data:[/] {ds.folder}")
+    console.print(f"[green]{name} data:[/] {escape(str(ds.folder))}", soft_wrap=True)
     return ds.folder
 
 

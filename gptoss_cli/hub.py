@@ -493,8 +493,8 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
     if isinstance(e, OfflineModeIsEnabled):
         return HubUnreachable(
             f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE=1)",
-            "unset HF_HUB_OFFLINE to download, or use a model already on disk with --model FOLDER "
-            "(`gptoss download --list` shows them)",
+            "unset HF_HUB_OFFLINE to download, or pass --model FOLDER to use a checkpoint on disk; "
+            "`gptoss download --list` shows what is there",
         )
     if isinstance(e, GatedRepoError):
         return HubError(
