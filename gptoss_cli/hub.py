@@ -329,22 +329,15 @@ def _verify(f: RemoteFile, size: int, h, where: Path) -> None:
 
 def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, stop: threading.Event) -> bool:
     """Fetch ``f`` into ``target``, resuming its partial file; False if ``stop`` was set first."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-
+    present = _already_there(f, target, stop)
+    if present is None:
+        return False
+    if present:
+        target.place(f, None)
+        progress.start(f, f.size)
+        progress.done(f)
+        return True
     part = target.partial_path(f)
-    if target.have(f) == f.size and not part.exists():
-        if target.unverified(f):
-            h = _hasher(f)
-            if _hash_file(target.final_path(f), h, stop) is None:
-                return False
-            if h.hexdigest() != (f.sha256 or f.blob_id):
-                target.final_path(f).unlink()  # another version of the file: fetch the hub's
-        if target.final_path(f).exists() or not target.unverified(f):
-            target.place(f, None)
-            progress.start(f, f.size)
-            progress.done(f)
-            return True
     part.parent.mkdir(parents=True, exist_ok=True)
     h = _hasher(f)
     have = 0
@@ -356,6 +349,43 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
             if have is None:
                 return False
     progress.start(f, have)
+    have, h = _stream(listing, f, part, h, have, progress, stop)
+    if have is None:
+        return False
+    try:
+        _verify(f, have, h, part)
+    except VerificationError:
+        part.unlink(missing_ok=True)  # complete but wrong: resuming it cannot help
+        raise
+    target.place(f, part)
+    progress.done(f)
+    return True
+
+
+def _already_there(f: RemoteFile, target, stop: threading.Event) -> bool | None:
+    """Whether ``f`` is complete in ``target`` (hashing a file nobody recorded); None if stopped."""
+    final = target.final_path(f)
+    if target.have(f) != f.size or target.partial_path(f).exists():
+        return False
+    if not target.unverified(f):
+        return True
+    h = _hasher(f)
+    if _hash_file(final, h, stop) is None:
+        return None
+    if h.hexdigest() == (f.sha256 or f.blob_id):
+        return True
+    final.unlink()  # another version of the file: fetch the hub's
+    return False
+
+
+def _stream(listing: RepoListing, f: RemoteFile, part: Path, h, have: int, progress: Progress,
+            stop: threading.Event):
+    """Append the rest of ``f`` to ``part`` from byte ``have`` on (``h`` holds the hash so far),
+    retrying dropped connections and busy answers. Returns the bytes now in ``part`` (None if
+    ``stop`` was set) and the hash of them."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
     failures = 0
     while have < f.size:
         headers = _headers()
@@ -365,7 +395,7 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
             with get_session().stream("GET", _url(listing, f), headers=headers,
                                       timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
                 if r.status_code >= 400:
-                    r.read()
+                    r.read()  # the error's body, for hf_raise_for_status
                 hf_raise_for_status(r)
                 if have and r.status_code != 206:  # the server ignored the Range: start over
                     progress.advance(f, -have)
@@ -374,14 +404,14 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
                 with part.open("ab") as fh:
                     for chunk in r.iter_bytes():  # as the network delivers them: prompt Ctrl-C, smooth bars
                         if stop.is_set():
-                            return False
-                        _write(fh, chunk, f, target)
+                            return None, h
+                        _write(fh, chunk, f, part)
                         h.update(chunk)
                         have += len(chunk)
                         failures = 0
                         progress.advance(f, len(chunk))
                         if have > f.size:
-                            break
+                            return have, h
         except GptossError:
             raise
         except Exception as e:
@@ -397,14 +427,7 @@ def fetch_one(listing: RepoListing, f: RemoteFile, target, progress: Progress, s
                     f"the connection kept dropping while fetching {f.path} ({have} of {f.size} bytes kept)",
                     "run the same command again to resume",
                 )
-    try:
-        _verify(f, have, h, part)
-    except VerificationError:
-        part.unlink(missing_ok=True)  # complete but wrong: resuming it cannot help
-        raise
-    target.place(f, part)
-    progress.done(f)
-    return True
+    return have, h
 
 
 def _hash_file(path: Path, h, stop: threading.Event) -> int | None:
@@ -428,13 +451,13 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, _transport_errors())
 
 
-def _write(fh, chunk: bytes, f: RemoteFile, target) -> None:
+def _write(fh, chunk: bytes, f: RemoteFile, part: Path) -> None:
     try:
         fh.write(chunk)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskSpaceError(
-                f"disk full while writing {f.path} into {target.root}",
+                f"disk full while writing {f.path} into {part.parent}",
                 "free some space (the partial download is kept and resumes) or use --local-dir on another disk",
             ) from None
         raise

@@ -83,6 +83,7 @@ class FakeHub:
         self.cut_once: dict[str, int] = {}   # path -> close the connection after this many bytes, once
         self.delay: dict[str, float] = {}    # path -> seconds to sleep per 16 kB sent
         self.fail_once: dict[str, int] = {}  # path -> answer the next GET with this status
+        self.ignore_range: set[str] = set()  # paths served whole even when a Range is asked
         self.server = _QuietServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -176,7 +177,7 @@ def _handler(state: FakeHub):
                 headers["X-Linked-Size"] = str(len(repo.files[name]))
             status, start = 200, 0
             rng = self.headers.get("Range")
-            if rng and body:
+            if rng and body and name not in state.ignore_range:
                 start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
@@ -469,6 +470,17 @@ def test_resumes_a_partial_file_from_an_earlier_run(env, repo_files):
     assert "resuming" in r.output
     assert [e[2] for e in env.gets("original/model.safetensors")] == ["bytes=1000-"]
     assert (p.folder / f.path).read_bytes() == data and not part.exists()
+
+
+def test_starts_over_when_the_server_ignores_the_range(env, repo_files):
+    p = download.plan(REPO, layout="original")
+    f = p.listing.files["original/model.safetensors"]
+    p.target.partial_path(f).parent.mkdir(parents=True)
+    p.target.partial_path(f).write_bytes(repo_files[f.path][:1000])
+    env.ignore_range.add(f.path)
+    folder = download.pull(REPO, layout="original", assume_yes=True, console=Console(file=StringIO()))
+    assert (folder / f.path).read_bytes() == repo_files[f.path]  # not the first 1000 bytes twice
+    assert [e[2] for e in env.gets(f.path)] == ["bytes=1000-"]
 
 
 def test_resumes_after_the_connection_drops(env, repo_files):
