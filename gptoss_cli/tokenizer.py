@@ -146,7 +146,9 @@ def read_tokenizer_json_ranks(path: Path) -> dict[bytes, int]:
     decode = _unicode_to_byte()
     try:
         return {
-            bytes(decode[c] for c in text): int(i) for text, i in vocab.items() if int(i) not in added
+            bytes(decode[c] for c in text): int(i)
+            for text, i in vocab.items()
+            if int(i) not in added and text not in SPECIAL_TOKENS
         }
     except KeyError:
         raise GptossError(
@@ -273,14 +275,18 @@ def merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def _ranks_from(source: str | Path | Mapping[bytes, int] | None) -> dict[bytes, int]:
-    if isinstance(source, Mapping):
-        return dict(source)
+def _source_file(source: str | Path | None) -> Path:
     if source is None or Path(source).is_dir():
-        return read_ranks(find_ranks_source(source))
+        return find_ranks_source(source).resolve()
     if not Path(source).is_file():
         raise GptossError(f"{source} does not exist")
-    return read_ranks(Path(source))
+    return Path(source).resolve()
+
+
+@lru_cache(maxsize=2)
+def _cached_tokenizer_json(path: str, mtime_ns: int, size: int) -> str:
+    # deriving the merges takes seconds; test fixtures and `download tiny-random` repeat it
+    return json.dumps(tokenizer_json_dict(read_ranks(Path(path))), ensure_ascii=False)
 
 
 def tokenizer_json_dict(ranks: Mapping[bytes, int]) -> dict:
@@ -330,9 +336,14 @@ def write_tokenizer_json(
     byte-level vocabulary, merges derived from the ranks, o200k's split regex and the special
     tokens as added tokens, so ``tokenizers``/``transformers`` and ``load_encoding`` read it alike.
     """
-    document = tokenizer_json_dict(_ranks_from(ranks_source))
+    if isinstance(ranks_source, Mapping):
+        text = json.dumps(tokenizer_json_dict(ranks_source), ensure_ascii=False)
+    else:
+        source = _source_file(ranks_source)
+        stat = source.stat()
+        text = _cached_tokenizer_json(str(source), stat.st_mtime_ns, stat.st_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

@@ -182,6 +182,19 @@ def test_load_encoding_reads_our_tokenizer_json(written_tokenizer_json, o200k_en
         assert enc.encode_ordinary(text) == o200k_encoding.encode_ordinary(text)
 
 
+def test_load_encoding_reads_a_hub_style_tokenizer_json(written_tokenizer_json, tmp_path, o200k_encoding):
+    """The hub's gpt-oss tokenizer.json lists only ids 199998..200018 as added tokens; some exports
+    also put the special names in the vocab. Specials come from SPECIAL_TOKENS either way."""
+    document = json.loads((written_tokenizer_json / "tokenizer.json").read_text(encoding="utf-8"))
+    document["added_tokens"] = [t for t in document["added_tokens"] if t["id"] <= 200018]
+    document["model"]["vocab"].update({t["content"]: t["id"] for t in document["added_tokens"]})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    enc = load_encoding(tmp_path)
+    assert enc.special_tokens_set == o200k_encoding.special_tokens_set
+    assert enc.encode("<|start|>hi there", allowed_special="all") == [200006, 3686, 1354]
+    assert _same_ranks(enc, o200k_encoding)
+
+
 def test_merges_follow_tiktoken_rank_order(written_tokenizer_json, o200k_dir):
     ranks = tk.read_ranks(o200k_dir / "o200k_base.tiktoken")
     model = json.loads((written_tokenizer_json / "tokenizer.json").read_text(encoding="utf-8"))["model"]
