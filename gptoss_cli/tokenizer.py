@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -150,7 +151,7 @@ def read_tokenizer_json_ranks(path: Path) -> dict[bytes, int]:
             for text, i in vocab.items()
             if int(i) not in added and text not in SPECIAL_TOKENS
         }
-    except KeyError:
+    except (KeyError, TypeError, ValueError):
         raise GptossError(
             f"{path} is not a byte-level BPE vocabulary", "gpt-oss needs the o200k_harmony tokenizer"
         ) from None
@@ -170,15 +171,14 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 def _packaged_tiktoken() -> Path | None:
-    """bpe-openai's packaged o200k_base ranks, if that package is installed."""
-    try:
-        from importlib.resources import files
-
-        resource = files("bpe_openai") / "data" / "o200k_base.tiktoken.gz"
-    except ImportError:
-        return None
-    path = Path(str(resource))
-    return path if path.is_file() else None
+    """bpe-openai's packaged o200k_base ranks, if that package is installed (not imported: only
+    its data file is needed)."""
+    spec = importlib.util.find_spec("bpe_openai")
+    for location in (spec.submodule_search_locations or ()) if spec else ():
+        path = Path(location) / "data" / "o200k_base.tiktoken.gz"
+        if path.is_file():
+            return path
+    return None
 
 
 def find_ranks_source(folder: str | Path | None = None) -> Path:

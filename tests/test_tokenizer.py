@@ -134,6 +134,7 @@ def test_no_source_is_one_clear_error(tmp_path, monkeypatch):
     json.dumps({"model": {"type": "WordPiece", "vocab": {"a": 0}}}),
     json.dumps({"model": {"type": "BPE", "vocab": {"☃x": 0}}}),          # not the byte alphabet
     json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}}),    # bytes missing
+    json.dumps({"model": {"type": "BPE", "vocab": {"a": "zero"}}}),       # ids not numbers
     json.dumps({"added_tokens": []}),
 ])
 def test_bad_tokenizer_json_is_a_gptoss_error(tmp_path, content):
