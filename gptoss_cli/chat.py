@@ -1,0 +1,388 @@
+"""``gptoss chat``: the interactive terminal, and one-shot ``--prompt`` answers.
+
+Input comes through prompt-toolkit (line editing, persistent history in gptoss's data folder,
+slash-command completion, Alt+Enter or a triple-quote block for several lines, bracketed paste
+keeping newlines); replies stream through ``chat_view.ReplyView``; the conversation lives in
+``chat_session.ChatSession``. Ctrl-C while the model answers stops it and keeps the partial
+answer; Ctrl-C on an empty prompt, or Ctrl-D, leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from .chat_session import ChatSession, Settings, Turn
+from .chat_view import ReplyView, human_bytes, stats_line
+from .errors import ContextFullError, GptossError, ModelNotFoundError
+from .harmony import EFFORTS, Conversation
+
+COMMANDS = {
+    "/help": "show this help",
+    "/effort": "low|medium|high — reasoning effort from this turn on",
+    "/reasoning": "show|hide — stream the reasoning or collapse it to one line",
+    "/system": "TEXT — the model identity line of the system message",
+    "/developer": "TEXT — developer instructions (empty to clear)",
+    "/set": "temperature|top_p|max_tokens|seed VALUE",
+    "/reset": "forget the conversation",
+    "/undo": "remove the last turn",
+    "/regen": "answer the last message again",
+    "/save": "FILE — JSON transcript with reasoning (FILE.md: Markdown export)",
+    "/load": "FILE — continue a saved JSON transcript",
+    "/copy": "copy the last answer to the clipboard",
+    "/stats": "figures of the last reply",
+    "/context": "context used, and the rendered system message",
+    "/trim": "[N] — drop the N oldest turns (default 1)",
+    "/exit": "leave (Ctrl-D, or Ctrl-C on an empty prompt)",
+}
+ARGUMENTS = {
+    "/effort": list(EFFORTS),
+    "/reasoning": ["show", "hide"],
+    "/set": ["temperature", "top_p", "max_tokens", "seed"],
+}
+
+# The --json output of ``--prompt`` (JSON Schema, draft 2020-12); documented in README.md.
+PROMPT_JSON_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["model", "effort", "prompt", "reasoning", "answer", "tool_calls", "stop_reason", "stats", "random_weights"],
+    "properties": {
+        "model": {"type": "string"},
+        "effort": {"enum": list(EFFORTS)},
+        "prompt": {"type": "string"},
+        "reasoning": {"type": "string"},
+        "answer": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {
+            "type": "object", "required": ["recipient", "arguments"],
+            "properties": {"recipient": {"type": "string"}, "arguments": {"type": "string"},
+                           "content_type": {"type": ["string", "null"]}}}},
+        "raw": {"type": "string"},
+        "stop_reason": {"enum": ["stop", "length", "context", "interrupted"]},
+        "random_weights": {"type": "boolean"},
+        "stats": {"type": "object", "required": [
+            "prompt_tokens", "time_to_first_token_s", "prefill_tok_s", "decode_tok_s",
+            "reasoning_tokens", "answer_tokens", "context_used", "context_limit", "peak_memory_bytes"],
+            "properties": {k: {"type": ["number", "null"]} for k in (
+                "prompt_tokens", "reused_tokens", "prefill_tokens", "time_to_first_token_s",
+                "prefill_tok_s", "decode_tok_s", "reasoning_tokens", "answer_tokens", "other_tokens",
+                "generated_tokens", "context_used", "context_limit", "peak_memory_bytes", "wall_s")}},
+    },
+}
+
+
+def run(*, model: str, effort: str, system: str | None, developer: str | None, temperature: float,
+        top_p: float, max_tokens: int, context: int, seed: int | None, reasoning: str,
+        prompt: str | None, json_out: bool, device: str, dtype: str, yes: bool) -> None:
+    if effort not in EFFORTS:
+        raise GptossError(f"unknown --effort {effort!r}", "use low, medium or high")
+    if reasoning not in ("show", "hide"):
+        raise GptossError(f"unknown --reasoning {reasoning!r}", "use show or hide")
+    if json_out and prompt is None:
+        raise GptossError("--json goes with --prompt", "e.g. gptoss chat --prompt 'hi' --json")
+    settings = Settings(max_tokens=max_tokens, reasoning=reasoning)
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens), ("seed", seed)):
+        if value is not None:
+            settings.set(key, str(value))
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is not None and not prompt.strip():
+        raise GptossError("the prompt is empty")
+    err = Console(stderr=True, highlight=False)
+    engine = load_engine(model, device, dtype, context, yes, err, quiet=json_out)
+    conv = Conversation(reasoning_effort=effort, developer_instructions=developer or None)
+    if system:
+        conv.model_identity = system
+    session = ChatSession(engine, conv, settings)
+    if prompt is not None:
+        answer_once(session, prompt, model, json_out, err)
+    else:
+        Repl(session, model).loop()
+
+
+def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, err: Console, quiet: bool = False):
+    """Load the model once, with a spinner; offer to download it when it is not on disk."""
+    from .engine import Engine
+    from .resolve import repo_for, resolve_model
+
+    try:
+        folder = resolve_model(model)
+    except ModelNotFoundError:
+        if repo_for(model) is None:  # not something the hub has: nothing to offer
+            raise
+        folder = offer_download(model, yes, err)
+    with err.status(f"Loading {escape(model)} from {escape(str(folder))}…", spinner="dots"):
+        engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
+        engine.tokenizer  # build the tokenizer now, not at the first prompt
+    if not quiet:
+        info = engine.runtime_info()
+        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · context {context:,}", style="dim"))
+    if engine.config.random_weights:
+        err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"))
+    return engine
+
+
+def offer_download(model: str, yes: bool, err: Console) -> Path:
+    """Like ``ollama run``: show what the download is, ask, fetch, go on."""
+    from . import download
+
+    files = download.plan(model)
+    size = sum(f.size for f in files)
+    err.print(f"{escape(model)} is not on this machine. Downloading it takes {human_bytes(size)} ({len(files)} files).")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ModelNotFoundError(f"model {model} is not downloaded", f"run `gptoss download {model}`, or pass --yes to download it here")
+        from rich.prompt import Confirm
+
+        if not Confirm.ask("Download it now?", console=err, default=True):
+            raise ModelNotFoundError(f"model {model} is not downloaded", f"run `gptoss download {model}` when you are ready")
+    return download.pull(model, assume_yes=True, console=err)
+
+
+def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, err: Console) -> None:
+    """``--prompt``: the answer on stdout (reasoning on stderr), or one JSON object."""
+    if json_out:
+        turn = session.respond(prompt)
+        print(json.dumps(turn_json(turn, model, prompt, session), ensure_ascii=False))
+        return
+    out = Console(highlight=False)
+    view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out)
+    try:
+        turn = session.respond(prompt, view, view.on_token)
+    finally:
+        view.close()
+    if not turn.answer and turn.raw and not view.wrote_answer:
+        out.print(turn.raw, markup=False, highlight=False)
+    err.print(Text(stats_line(turn.stats, session.engine.device.type), style="dim"))
+    if turn.interrupted:
+        raise KeyboardInterrupt
+
+
+def turn_json(turn: Turn, model: str, prompt: str, session: ChatSession) -> dict:
+    return {
+        "model": model,
+        "effort": turn.effort,
+        "prompt": prompt,
+        "reasoning": turn.reasoning,
+        "answer": turn.answer,
+        "tool_calls": turn.tool_calls,
+        "raw": turn.raw,
+        "stop_reason": turn.stop_reason or "length",
+        "random_weights": session.engine.config.random_weights,
+        "stats": turn.stats,
+    }
+
+
+class Repl:
+    """The interactive loop: read a line, run a command or a turn, repeat."""
+
+    def __init__(self, session: ChatSession, model: str):
+        self.session = session
+        self.model = model
+        self.console = Console(highlight=False)
+        self.tty = sys.stdin.isatty() and sys.stdout.isatty()
+        self.prompt = self._make_prompt() if self.tty else None
+
+    def _make_prompt(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        from .resolve import data_dir
+
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _(event):  # clear a line with text; leave on an empty one
+            buf = event.app.current_buffer
+            if buf.text:
+                buf.reset()
+            else:
+                event.app.exit(exception=EOFError)
+
+        @keys.add("escape", "enter")
+        def _(event):  # Alt+Enter: a new line inside the message
+            event.app.current_buffer.insert_text("\n")
+
+        try:
+            data_dir().mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(data_dir() / "chat_history"))
+        except OSError:
+            history = InMemoryHistory()
+        return PromptSession(history=history, completer=SlashCompleter(), key_bindings=keys,
+                             complete_while_typing=True, enable_history_search=False)
+
+    def read(self) -> str:
+        """One message: a line, a triple-quoted block, or Alt+Enter-joined lines. EOFError leaves."""
+        text = self._line(">>> ")
+        if text.strip().startswith('"""'):
+            lines = [text.strip()[3:]]
+            while not lines[-1].rstrip().endswith('"""'):
+                lines.append(self._line("... "))
+            lines[-1] = lines[-1].rstrip()[:-3]
+            text = "\n".join(lines).strip("\n")
+        return text
+
+    def _line(self, prompt: str) -> str:
+        if self.prompt is not None:
+            return self.prompt.prompt(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    def loop(self) -> None:
+        c = self.console
+        c.print(Text(f"Chatting with {self.model} · effort {self.session.conv.reasoning_effort} · "
+                     '/help for commands, """ or Alt+Enter for several lines, Ctrl-D to leave', style="dim"))
+        while True:
+            try:
+                text = self.read()
+            except (EOFError, KeyboardInterrupt):
+                c.print(Text("bye", style="dim"))
+                return
+            if not text.strip():
+                continue
+            try:
+                if text.startswith("/"):
+                    if self.command(text) == "exit":
+                        return
+                else:
+                    self.turn(lambda on_event, on_token: self.session.respond(text, on_event, on_token))
+            except GptossError as e:
+                c.print(Text(f"error: {e}", style="red"))
+
+    def turn(self, respond) -> None:
+        view = ReplyView(self.console, show_reasoning=self.session.settings.reasoning == "show")
+        try:
+            turn = respond(view, view.on_token)
+        except ContextFullError as e:
+            view.close()
+            self.console.print(Text(f"context full: {e}", style="yellow"))
+            return
+        finally:
+            view.close()
+        if not turn.answer and not turn.raw and not turn.tool_calls and turn.reasoning:
+            self.console.print(Text("(no final answer: the reply ended while reasoning)", style="dim"))
+        if turn.interrupted:
+            self.console.print(Text("[interrupted — the partial answer is kept]", style="yellow"))
+        if turn.stop_reason == "context":
+            self.console.print(Text("the context is full: /trim drops the oldest turns, /reset starts over", style="yellow"))
+        self.console.print(Text(stats_line(turn.stats, self.session.engine.device.type), style="dim"))
+
+    # ---- slash commands ----------------------------------------------------------------------
+    def command(self, text: str) -> str | None:
+        s, c = self.session, self.console
+        name, _, arg = text.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if name == "/help":
+            for cmd, doc in COMMANDS.items():
+                c.print(f"[bold]{cmd}[/] {escape(doc)}")
+        elif name == "/effort":
+            s.set_effort(arg)
+            c.print(f"reasoning effort: {arg}")
+        elif name == "/reasoning":
+            if arg not in ("show", "hide"):
+                raise GptossError("use /reasoning show or /reasoning hide")
+            s.settings.reasoning = arg
+            c.print(f"reasoning: {arg}")
+        elif name == "/system":
+            s.conv.model_identity = arg or Conversation().model_identity
+            c.print("system identity: " + escape(s.conv.model_identity))
+        elif name == "/developer":
+            s.conv.developer_instructions = arg or None
+            c.print("developer instructions " + ("set" if arg else "cleared"))
+        elif name == "/set":
+            key, _, value = arg.partition(" ")
+            if not value.strip():
+                raise GptossError("use /set temperature|top_p|max_tokens|seed VALUE")
+            s.settings.set(key, value.strip())
+            c.print(f"{key} = {getattr(s.settings, key.replace('-', '_'))}")
+        elif name == "/reset":
+            s.reset()
+            c.print("conversation cleared")
+        elif name == "/undo":
+            t = s.undo()
+            c.print("removed the last turn" if t else "nothing to undo")
+        elif name == "/regen":
+            self.turn(lambda on_event, on_token: s.regen(on_event, on_token))
+        elif name == "/save":
+            if not arg:
+                raise GptossError("use /save FILE (.json transcript or .md export)")
+            c.print(f"saved {escape(str(s.save(arg)))}")
+        elif name == "/load":
+            if not arg:
+                raise GptossError("use /load FILE")
+            s.load(arg)
+            c.print(f"loaded {len(s.turns)} turns from {escape(arg)}")
+        elif name == "/copy":
+            self.copy()
+        elif name == "/stats":
+            if not s.turns:
+                c.print("no reply yet")
+            else:
+                for k, v in s.turns[-1].stats.items():
+                    c.print(f"{k}: {v}")
+        elif name == "/context":
+            used = s.context_used()
+            c.print(f"context: {used:,} / {s.context_limit:,} tokens ({len(s.turns)} turns)")
+            c.print(Text("system message:\n" + s.system_message(), style="dim"))
+        elif name == "/trim":
+            n = s.trim(int(arg) if arg.isdigit() else 1)
+            c.print(f"dropped {n} oldest turn(s); context now {s.context_used():,} tokens")
+        else:
+            raise GptossError(f"unknown command {name}", "/help lists the commands")
+        return None
+
+    def copy(self) -> None:
+        turns = self.session.turns
+        if not turns or not (turns[-1].answer or turns[-1].raw):
+            self.console.print("no answer to copy yet")
+            return
+        text = turns[-1].answer or turns[-1].raw
+        for cmd in (["pbcopy"], ["wl-copy"], ["xclip", "-selection", "clipboard"], ["xsel", "--clipboard", "--input"]):
+            if shutil.which(cmd[0]) and (cmd[0] in ("pbcopy",) or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+                if subprocess.run(cmd, input=text.encode(), capture_output=True).returncode == 0:
+                    self.console.print(f"copied {len(text)} characters")
+                    return
+        if self.console.is_terminal:  # OSC 52: the terminal emulator's own clipboard
+            import base64
+
+            sys.stdout.write(f"\x1b]52;c;{base64.b64encode(text.encode()).decode()}\x07")
+            sys.stdout.flush()
+            self.console.print(f"sent {len(text)} characters to the terminal's clipboard (OSC 52)")
+        else:
+            self.console.print("no clipboard here (no pbcopy, wl-copy, xclip or xsel, not a terminal)")
+
+
+try:
+    from prompt_toolkit.completion import Completer, Completion
+except ImportError:  # prompt-toolkit is a dependency; this only keeps --prompt usable without it
+    Completer, Completion = object, None
+
+
+class SlashCompleter(Completer):
+    """Completes slash commands and their fixed arguments."""
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        if " " not in text:
+            for cmd, doc in COMMANDS.items():
+                if cmd.startswith(text):
+                    yield Completion(cmd, start_position=-len(text), display_meta=doc)
+            return
+        cmd, _, arg = text.partition(" ")
+        for option in ARGUMENTS.get(cmd, ()):
+            if option.startswith(arg) and " " not in arg:
+                yield Completion(option, start_position=-len(arg))

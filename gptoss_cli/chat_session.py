@@ -1,0 +1,304 @@
+"""A conversation with the model: turns, settings, and what each reply cost.
+
+``ChatSession`` sits between the engine (tokens) and the terminal (``chat.py``, ``chat_view.py``):
+it renders the conversation in Harmony, runs generation, feeds the streaming parser and hands
+its events to whoever displays them, and keeps the transcript. It never prints.
+
+The transcript (``turns``) is the one source of truth: the Harmony history rendered for the next
+prompt is rebuilt from it (dropping earlier analysis, as Harmony requires), so ``/undo``,
+``/load`` and trimming are list operations. Each turn keeps its reasoning for ``/save``.
+Multi-turn chat reuses the KV cache through the engine's prefix matching: a new turn shares
+everything up to the previous prompt, so only the new text is prefilled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .engine import Engine, memory_stats
+from .errors import ContextFullError, GptossError
+from .harmony import (
+    EFFORTS, STOP_TOKEN_IDS, Conversation, Malformed, Message, MessageEnd, MessageStart, StreamParser,
+    TextDelta, history_after_reply, render_completion, render_conversation,
+)
+
+TRANSCRIPT_VERSION = 1
+
+
+@dataclass
+class Settings:
+    """Sampling and display settings, changed with ``/set`` and ``/reasoning``."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    seed: int | None = None
+    reasoning: str = "show"           # show | hide
+
+    def set(self, key: str, value: str) -> None:
+        """Parse and apply ``/set KEY VALUE``; a ``GptossError`` says what is wrong."""
+        key = key.replace("-", "_")
+        try:
+            if key == "temperature":
+                v = float(value)
+                if not 0 <= v <= 10:
+                    raise ValueError("between 0 and 10")
+            elif key == "top_p":
+                v = float(value)
+                if not 0 < v <= 1:
+                    raise ValueError("in (0, 1]")
+            elif key == "max_tokens":
+                v = int(value)
+                if v < 1:
+                    raise ValueError("at least 1")
+            elif key == "seed":
+                v = None if value.lower() in ("none", "off", "random") else int(value)
+            else:
+                raise GptossError(f"unknown setting {key!r}", "one of temperature, top_p, max_tokens, seed")
+        except ValueError as e:
+            raise GptossError(f"bad value {value!r} for {key}: {e}") from None
+        setattr(self, key, v)
+
+
+@dataclass
+class Turn:
+    """One user message and the model's reply, as shown and as saved."""
+
+    user: str
+    effort: str
+    reply: list[Message] = field(default_factory=list)   # parsed messages of the reply
+    raw: str = ""                  # text that was not well-formed Harmony
+    interrupted: bool = False
+    stop_reason: str = ""          # stop | length | context | interrupted
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(m.content for m in self.reply if m.channel == "analysis")
+
+    @property
+    def answer(self) -> str:
+        return "".join(m.content for m in self.reply if m.channel == "final")
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        return [
+            {"recipient": m.recipient, "arguments": m.content, "content_type": m.content_type}
+            for m in self.reply if m.role == "assistant" and m.recipient not in (None, "all")
+        ]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["reply"] = [m.to_dict() for m in self.reply]
+        d.update(reasoning=self.reasoning, answer=self.answer, tool_calls=self.tool_calls)
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Turn":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in raw.items() if k in names}
+        d["reply"] = [Message.from_dict(m) for m in raw.get("reply", ())]
+        return cls(**d)
+
+
+class ChatSession:
+    """The conversation state of ``gptoss chat`` over one engine."""
+
+    def __init__(self, engine: Engine, conversation: Conversation, settings: Settings):
+        self.engine = engine
+        self.conv = conversation       # settings (effort, instructions, tools); messages derived
+        self.settings = settings
+        self.turns: list[Turn] = []
+
+    # ---- what gets rendered --------------------------------------------------------------------
+    def history(self, turns: list[Turn] | None = None) -> list[Message]:
+        """The Harmony messages of ``turns`` (default: all), earlier analysis dropped."""
+        messages: list[Message] = []
+        for t in self.turns if turns is None else turns:
+            messages = history_after_reply(messages + [Message("user", t.user)], t.reply)
+        return messages
+
+    def conversation(self, extra: list[Message] = ()) -> Conversation:
+        return dataclasses.replace(self.conv, messages=self.history() + list(extra))
+
+    def prompt_tokens(self, user_text: str) -> list[int]:
+        return render_completion(self.conversation([Message("user", user_text)]), self.engine.tokenizer)
+
+    def system_message(self) -> str:
+        from .harmony import system_text
+
+        return system_text(self.conv)
+
+    def context_used(self) -> int:
+        """Tokens the conversation so far takes when rendered."""
+        return len(render_conversation(self.conversation(), self.engine.tokenizer))
+
+    @property
+    def context_limit(self) -> int:
+        return self.engine.max_context
+
+    # ---- a turn ----------------------------------------------------------------------------------
+    def respond(self, user_text: str, on_event: Callable = lambda e: None,
+                on_token: Callable = lambda channel: None) -> Turn:
+        """Generate the reply to ``user_text``, streaming parser events to ``on_event``.
+
+        Ctrl-C (KeyboardInterrupt) stops generation; the partial reply is kept as the turn.
+        A prompt that does not fit raises ``ContextFullError`` and changes nothing.
+        """
+        tokens = self.prompt_tokens(user_text)
+        room = self.context_limit - len(tokens)
+        if room < 1:
+            raise ContextFullError(
+                f"the conversation needs {len(tokens)} tokens; the context holds {self.context_limit}",
+                "/trim drops the oldest turns, /reset starts over, or restart with a larger --context",
+            )
+        turn = Turn(user=user_text, effort=self.conv.reasoning_effort)
+        parser = StreamParser(self.engine.tokenizer)
+        counts = {"analysis": 0, "final": 0, "other": 0}
+        channel = None
+        s = self.settings
+        gen = self.engine.generate(
+            tokens, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
+            top_p=s.top_p, stop_tokens=STOP_TOKEN_IDS, seed=s.seed,
+        )
+        t0 = time.perf_counter()
+
+        def emit(events):
+            nonlocal channel
+            for e in events:
+                if isinstance(e, MessageStart):
+                    channel = e.channel
+                elif isinstance(e, MessageEnd):
+                    channel = None
+                elif isinstance(e, Malformed) and e.text:
+                    turn.raw += e.text
+                on_event(e)
+
+        try:
+            for tok in gen:
+                kind = channel if channel in counts else "other"
+                counts[kind] += 1
+                on_token(kind)
+                emit(parser.feed(tok))
+            turn.stop_reason = self.engine.last_stats.stop_reason
+        except KeyboardInterrupt:
+            gen.close()
+            turn.interrupted, turn.stop_reason = True, "interrupted"
+        finally:
+            emit(parser.finish())
+        turn.reply = parser.messages
+        turn.stats = self._stats(counts, len(tokens), time.perf_counter() - t0)
+        self.turns.append(turn)
+        return turn
+
+    def _stats(self, counts: dict, prompt_len: int, wall_s: float) -> dict:
+        st = self.engine.last_stats
+        generated = sum(counts.values())
+        mem = memory_stats(self.engine.device)
+        return {
+            "prompt_tokens": prompt_len,
+            "reused_tokens": st.reused_tokens,
+            "prefill_tokens": st.prefill_tokens,
+            "time_to_first_token_s": round(st.first_token_s, 4),
+            "prefill_tok_s": round(st.prefill_tokens / st.prefill_s, 2) if st.prefill_s > 0 else None,
+            "decode_tok_s": round(st.decode_tokens / st.decode_s, 2) if st.decode_s > 0 else None,
+            "reasoning_tokens": counts["analysis"],
+            "answer_tokens": counts["final"],
+            "other_tokens": counts["other"],
+            "generated_tokens": generated,
+            "context_used": prompt_len + generated,
+            "context_limit": self.context_limit,
+            "peak_memory_bytes": mem.get("peak_allocated", mem.get("peak_rss")),
+            "wall_s": round(wall_s, 4),
+        }
+
+    # ---- editing the conversation -------------------------------------------------------------
+    def undo(self) -> Turn | None:
+        return self.turns.pop() if self.turns else None
+
+    def regen(self, on_event: Callable = lambda e: None, on_token: Callable = lambda c: None) -> Turn:
+        if not self.turns:
+            raise GptossError("nothing to regenerate yet")
+        last = self.turns.pop()
+        try:
+            return self.respond(last.user, on_event, on_token)
+        except ContextFullError:
+            self.turns.append(last)
+            raise
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def trim(self, n: int = 1) -> int:
+        """Drop the ``n`` oldest turns; returns how many were dropped."""
+        n = max(0, min(n, len(self.turns)))
+        del self.turns[:n]
+        return n
+
+    def set_effort(self, effort: str) -> None:
+        if effort not in EFFORTS:
+            raise GptossError(f"unknown effort {effort!r}", f"use {', '.join(EFFORTS)}")
+        self.conv.reasoning_effort = effort
+
+    # ---- transcripts ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        settings = self.conv.to_dict()
+        settings.pop("messages")
+        return {
+            "version": TRANSCRIPT_VERSION,
+            "conversation": settings,
+            "settings": dataclasses.asdict(self.settings),
+            "turns": [t.to_dict() for t in self.turns],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """JSON transcript (with reasoning), or a Markdown export when the name ends in .md."""
+        path = Path(path).expanduser()
+        text = self.to_markdown() if path.suffix.lower() in (".md", ".markdown") else json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:
+            raise GptossError(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path).expanduser()
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GptossError(f"{path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise GptossError(f"{path} is not a JSON transcript ({e})", "/load reads files written by /save FILE.json") from None
+        if not isinstance(raw, dict) or "turns" not in raw:
+            raise GptossError(f"{path} is not a gptoss transcript", "/load reads files written by /save FILE.json")
+        try:
+            conv = Conversation.from_dict({**raw.get("conversation", {}), "messages": []})
+            turns = [Turn.from_dict(t) for t in raw["turns"]]
+            settings = Settings(**raw.get("settings", {}))
+        except (TypeError, KeyError, AttributeError) as e:
+            raise GptossError(f"{path} is not a valid transcript ({e})") from None
+        self.conv, self.turns, self.settings = conv, turns, settings
+
+    def to_markdown(self) -> str:
+        c = self.conv
+        lines = ["# gptoss chat", "", f"- reasoning effort: {c.reasoning_effort}"]
+        if c.developer_instructions:
+            lines.append(f"- developer instructions: {c.developer_instructions}")
+        for i, t in enumerate(self.turns, 1):
+            lines += ["", f"## Turn {i}", "", "**User**", "", t.user, ""]
+            if t.reasoning:
+                lines += [f"<details><summary>Reasoning ({t.effort}, {t.stats.get('reasoning_tokens', '?')} tokens)</summary>", "", t.reasoning, "", "</details>", ""]
+            for call in t.tool_calls:
+                lines += [f"**Tool call** `{call['recipient']}`", "", "```json", call["arguments"], "```", ""]
+            lines += ["**Assistant**", "", t.answer or t.raw or "_(no answer)_"]
+            if t.interrupted:
+                lines += ["", "_(interrupted)_"]
+        return "\n".join(lines) + "\n"

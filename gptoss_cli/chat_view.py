@@ -1,0 +1,165 @@
+"""How a reply looks: Harmony events streamed through Rich, channel by channel.
+
+- analysis (reasoning): dim and labelled as it streams; when hidden, a live one-line counter that
+  collapses to a summary with the token count;
+- final: streamed, rendered as Markdown (a Rich ``Live`` region on a terminal);
+- commentary with a recipient: a tool call, shown with its arguments;
+- malformed output: the raw text, marked, never swallowed.
+
+On a pipe (stdout not a terminal) nothing moves: no colours, no cursor tricks, text as it comes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
+
+
+class ReplyView:
+    """Consumes the session's events (``__call__``) and tokens (``on_token``) for one reply."""
+
+    def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None):
+        self.console = console                  # reasoning, labels, tool calls
+        self.out = answer_console or console    # the answer (stdout in --prompt mode)
+        self.show_reasoning = show_reasoning
+        self.live_ok = console.is_terminal and self.out.is_terminal
+        self.current: MessageStart | None = None
+        self.text = ""
+        self.live: Live | None = None
+        self.hidden_tokens = 0
+        self.wrote_answer = False
+
+    # ---- tokens (for the hidden-reasoning counter) ------------------------------------------
+    def on_token(self, channel: str) -> None:
+        if channel == "analysis" and not self.show_reasoning:
+            self.hidden_tokens += 1
+            if self.live is not None:
+                self.live.update(self._thinking_line(), refresh=False)
+
+    def _thinking_line(self) -> Text:
+        return Text(f"thinking… {self.hidden_tokens} tokens", style="dim italic")
+
+    # ---- events ------------------------------------------------------------------------------
+    def __call__(self, event) -> None:
+        if isinstance(event, MessageStart):
+            self._start(event)
+        elif isinstance(event, TextDelta):
+            self._delta(event.text)
+        elif isinstance(event, MessageEnd):
+            self._end()
+        elif isinstance(event, Malformed):
+            self._malformed(event)
+
+    def _kind(self) -> str:
+        m = self.current
+        if m is None:
+            return "none"
+        if m.recipient not in (None, "all") and m.role == "assistant":
+            return "tool"
+        return "analysis" if m.channel == "analysis" else "answer"
+
+    def _start(self, m: MessageStart) -> None:
+        self._close_live()
+        self.current, self.text = m, ""
+        kind = self._kind()
+        if kind == "analysis":
+            if self.show_reasoning:
+                self.console.print(Text("Thinking", style="bold dim"))
+            elif self.live_ok:
+                self.live = Live(self._thinking_line(), console=self.console, transient=True,
+                                 refresh_per_second=8)
+                self.live.start()
+        elif kind == "tool":
+            label = f"→ tool call {m.recipient}" + (f" ({m.content_type})" if m.content_type else "")
+            self.console.print(Text(label, style="bold cyan"))
+        elif kind == "answer" and self.live_ok:
+            self.live = Live(Markdown(""), console=self.out, refresh_per_second=10,
+                             vertical_overflow="visible")
+            self.live.start()
+
+    def _delta(self, text: str) -> None:
+        self.text += text
+        kind = self._kind()
+        if kind == "analysis":
+            if self.show_reasoning:
+                self.console.print(text, style="dim", end="", soft_wrap=True, markup=False, highlight=False)
+        elif kind == "tool":
+            self.console.print(text, style="cyan", end="", soft_wrap=True, markup=False, highlight=False)
+        elif kind == "answer":
+            self.wrote_answer = True
+            if self.live is not None:
+                self.live.update(Markdown(self.text), refresh=False)
+            else:
+                self.out.print(text, end="", soft_wrap=True, markup=False, highlight=False)
+        else:  # text after the stop, inside a message the parser could not place
+            self.console.print(text, end="", soft_wrap=True, markup=False, highlight=False)
+
+    def _end(self) -> None:
+        kind = self._kind()
+        if kind == "analysis":
+            if self.show_reasoning:
+                self.console.print()
+            else:
+                self._close_live()
+                self.console.print(Text(f"▸ thought for {self.hidden_tokens} tokens (hidden: /reasoning show)", style="dim"))
+        elif kind == "tool":
+            self.console.print()
+            try:
+                json.loads(self.text)
+            except ValueError:
+                self.console.print(Text("  (arguments are not valid JSON)", style="yellow"))
+        elif kind == "answer":
+            if self.live is not None:
+                self.live.update(Markdown(self.text), refresh=True)
+                self._close_live()
+            else:
+                self.out.print()
+        self.current, self.text = None, ""
+
+    def _malformed(self, e: Malformed) -> None:
+        self._close_live()
+        if e.text:
+            self.console.print(Text(e.text, style="yellow"), soft_wrap=True, end="")
+            self.console.print(Text(f"  [not Harmony: {e.reason}]", style="dim yellow"))
+        else:
+            self.console.print(Text(f"[not Harmony: {e.reason}]", style="dim yellow"))
+
+    def _close_live(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def close(self) -> None:
+        """After the reply (or Ctrl-C): stop any live region."""
+        self._close_live()
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def stats_line(stats: dict, device_type: str = "cpu") -> str:
+    """One line after each reply: latency, speeds, token counts, context and memory."""
+    def rate(v):
+        return f"{v:,.1f} tok/s" if v else "–"
+
+    mem = "VRAM" if device_type == "cuda" else "RSS"
+    return (
+        f"ttft {stats['time_to_first_token_s']:.2f}s · prefill {rate(stats['prefill_tok_s'])}"
+        f" ({stats['prefill_tokens']} new, {stats['reused_tokens']} cached) · decode {rate(stats['decode_tok_s'])}"
+        f" · reasoning {stats['reasoning_tokens']} · answer {stats['answer_tokens']} tokens"
+        f" · context {stats['context_used']:,}/{stats['context_limit']:,}"
+        f" · peak {mem} {human_bytes(stats['peak_memory_bytes'])}"
+    )

@@ -1,0 +1,194 @@
+"""`gptoss chat`: one-shot prompts, the JSON schema, and the interactive session through a real
+pseudo-terminal, on the tiny random checkpoint (its output is noise, i.e. malformed Harmony)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+from gptoss_cli.chat import PROMPT_JSON_SCHEMA  # noqa: E402
+from gptoss_cli.chat_session import ChatSession, Settings  # noqa: E402
+from gptoss_cli.engine import Engine  # noqa: E402
+from gptoss_cli.harmony import Conversation  # noqa: E402
+
+GPTOSS = [sys.executable, "-m", "gptoss_cli"]
+
+
+def _env(tmp_path):
+    return {**os.environ, "GPTOSS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+            "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+
+
+def _chat(tmp_path, *args, stdin=None):
+    return subprocess.run(GPTOSS + ["chat", *args], capture_output=True, text=True, input=stdin,
+                          env=_env(tmp_path), timeout=300)
+
+
+def test_prompt_json_follows_the_schema(tiny_full, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = _chat(tmp_path, "--model", str(tiny_full), "--prompt", "What is 2+2?", "--json",
+              "--max-tokens", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1                               # one JSON object, nothing else on stdout
+    out = json.loads(lines[0])
+    jsonschema.validate(out, PROMPT_JSON_SCHEMA)
+    assert out["random_weights"] is True and out["stats"]["generated_tokens"] == 12
+    assert out["stop_reason"] == "length"
+    # noise is malformed Harmony: it must come back as raw text, not vanish
+    assert out["raw"] or out["answer"] or out["reasoning"]
+
+
+def test_prompt_from_stdin_prints_answer_and_stats(tiny_full, tmp_path):
+    r = _chat(tmp_path, "--model", str(tiny_full), "--prompt", "-", "--max-tokens", "6",
+              "--temperature", "0", stdin="hi there\n")
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stderr and "ttft" in r.stderr and "decode" in r.stderr
+    assert r.stdout.strip()                             # the (noise) answer went to stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--effort", "extreme"], ["--effort", "low, medium or high"]),
+    (["--json"], ["--json goes with --prompt"]),
+    (["--model", "/nonexistent/folder", "--prompt", "x"], ["does not exist"]),
+    (["--model", "nobody/nothing-here", "--prompt", "x"], ["not on this machine", "gptoss download"]),
+])
+def test_bad_options_get_one_line(tmp_path, args, words):
+    r = _chat(tmp_path, *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and all(w in err[0] for w in words), r.stderr
+
+
+def test_broken_checkpoint_gets_one_line(tiny_hf_single, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_hf_single, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 3])
+    r = _chat(tmp_path, "--model", str(bad), "--prompt", "x")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "truncated or corrupt" in r.stderr
+
+
+def test_context_full_is_said_not_crashed(tiny_full, tmp_path):
+    r = _chat(tmp_path, "--model", str(tiny_full), "--context", "32", "--prompt", "a long question " * 20)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "context holds 32" in r.stderr and "/reset" in r.stderr
+
+
+def test_second_turn_prefills_only_what_is_new(tiny_full):
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32")
+    s = ChatSession(eng, Conversation(current_date="2026-01-01"), Settings(temperature=0, max_tokens=20))
+    first_prompt = len(s.prompt_tokens("hello"))
+    s.respond("hello")
+    t2 = s.respond("and again")
+    assert t2.stats["reused_tokens"] >= first_prompt
+    assert t2.stats["prefill_tokens"] < t2.stats["prompt_tokens"] - first_prompt + 40
+    # and the reuse is exact: a fresh session replaying the same turns gives the same reply
+    fresh = ChatSession(Engine.load(tiny_full, device="cpu", dtype="float32"),
+                        Conversation(current_date="2026-01-01"), Settings(temperature=0, max_tokens=20))
+    fresh.turns = s.turns[:1]
+    assert fresh.respond("and again").reply == t2.reply
+
+
+def test_save_load_round_trip_and_markdown(tiny_full, tmp_path):
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32")
+    s = ChatSession(eng, Conversation(reasoning_effort="high"), Settings(temperature=0, max_tokens=10))
+    s.respond("first")
+    s.respond("second")
+    s.save(tmp_path / "t.json")
+    md = s.save(tmp_path / "t.md").read_text()
+    assert "## Turn 2" in md and "second" in md
+    other = ChatSession(eng, Conversation(), Settings())
+    other.load(tmp_path / "t.json")
+    assert other.to_dict() == s.to_dict()
+    assert other.conv.reasoning_effort == "high"
+    assert other.history() == s.history()
+
+
+def _spawn(tiny_full, tmp_path, *extra):
+    child = pexpect.spawn(GPTOSS[0], GPTOSS[1:] + ["chat", "--model", str(tiny_full), "--temperature", "0",
+                          "--max-tokens", "12", "--context", "4096", *extra],
+                          env=_env(tmp_path), encoding="utf-8", timeout=120, dimensions=(50, 200))
+    child.expect(">>> ")
+    return child
+
+
+def test_interactive_session_in_a_pty(tiny_full, tmp_path):
+    child = _spawn(tiny_full, tmp_path)
+    child.sendline("hello there")
+    child.expect("ttft")                                # the stats line after the reply
+    child.expect(">>> ")
+    child.sendline("/context")
+    child.expect("Reasoning: medium")
+    child.expect(">>> ")
+    child.sendline("/effort high")
+    child.expect("reasoning effort: high")
+    child.expect(">>> ")
+    child.sendline("/context")
+    child.expect("Reasoning: high")                     # the rendered system message changed
+    child.expect(">>> ")
+    child.sendline("second message")
+    child.expect("ttft")
+    child.expect(">>> ")
+    child.sendline("/undo")
+    child.expect("removed the last turn")
+    child.expect(">>> ")
+    transcript = tmp_path / "chat.json"
+    child.sendline(f"/save {transcript}")
+    child.expect("saved")
+    child.expect(">>> ")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.expect(">>> ")
+    child.sendline(f"/load {transcript}")
+    child.expect("loaded 1 turns")
+    child.expect(">>> ")
+    child.sendline("/nonsense")
+    child.expect("unknown command")
+    child.expect(">>> ")
+    child.sendcontrol("d")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads(transcript.read_text())
+    assert [t["user"] for t in saved["turns"]] == ["hello there"]
+    assert saved["conversation"]["reasoning_effort"] == "high"
+    assert (tmp_path / "home" / "chat_history").read_text().count("hello there") == 1
+
+
+def test_ctrl_c_during_a_reply_keeps_the_session(tiny_full, tmp_path):
+    child = _spawn(tiny_full, tmp_path)
+    child.sendline("/set max_tokens 3000")
+    child.expect("max_tokens = 3000")
+    child.expect(">>> ")
+    child.sendline("tell me a very long story")
+    child.expect(r"\S{3}")                              # the reply has started streaming
+    child.sendintr()
+    child.expect("interrupted")
+    child.expect("ttft")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect("generated_tokens")
+    child.expect(">>> ")
+    child.sendline("/set max_tokens 5")
+    child.expect(">>> ")
+    child.sendline("still there?")                      # the session goes on after Ctrl-C
+    child.expect("ttft")
+    child.expect(">>> ")
+    child.sendintr()                                    # Ctrl-C on an empty prompt leaves
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
