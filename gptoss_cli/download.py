@@ -93,7 +93,8 @@ def select_files(listing: hub.RepoListing, layout: str) -> list[hub.RemoteFile]:
 
 @dataclass
 class Plan:
-    """What ``pull`` will fetch: the files with their sizes and what is already on disk."""
+    """What ``pull`` will fetch: the files with their sizes (iterating a Plan gives them) and what
+    is already on disk."""
 
     listing: hub.RepoListing
     layout: str
@@ -101,6 +102,16 @@ class Plan:
     files: list[hub.RemoteFile]
     have: dict[str, int]          # path -> bytes already on disk (complete or partial)
     config: ModelConfig           # the repo's config.json
+
+    # A Plan is also the list of its files (``len(plan)``, ``sum(f.size for f in plan)``).
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.files[i]
 
     @property
     def repo_id(self) -> str:
@@ -418,7 +429,7 @@ def write_tiny_random(local_dir: Path | None = None, console=None) -> Path:
     if (folder / "config.json").exists() and (existing is None or not existing.random_weights):
         raise GptossError(f"{folder} already holds another model; not overwriting it with random weights",
                           "choose another --local-dir")
-    write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=False)
+    write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
     console.print(f"[bold yellow]wrote tiny-random to {escape(str(folder))}: real file formats, RANDOM weights. "
                   "Everything a model loaded from it says is noise.[/]", soft_wrap=True)
     how = TINY_RANDOM if local_dir is None else str(folder)

@@ -296,6 +296,7 @@ def test_plan_lists_one_layout_with_sizes(env, repo_files):
                      "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     assert p.total_bytes == sum(len(repo_files[x]) for x in paths) == p.to_fetch
     assert p.config.n_layers == SMALL.n_layers
+    assert len(p) == 9 and sum(f.size for f in p) == p.total_bytes  # the file list `gptoss chat` shows
     orig = [f.path for f in download.plan("gpt-oss-20b", layout="original").files]
     assert [x for x in orig if "/" in x] == ["original/config.json", "original/dtypes.json", "original/model.safetensors"]
     assert not any(x.startswith("model-") for x in orig)
@@ -629,6 +630,7 @@ def test_environment_variables_offline_and_unreachable(fake_hub, tmp_path):
 
 # ---- tiny-random and --list ---------------------------------------------------------------------
 
+@pytest.mark.slow  # writing tokenizer.json from o200k's ranks takes ~7 s of CPU
 def test_tiny_random_offline_and_list(env, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     r = cli("tiny-random")
@@ -641,6 +643,10 @@ def test_tiny_random_offline_and_list(env, monkeypatch):
     assert resolve_model("tiny-random") == folder
     assert ModelConfig.from_file(folder / "config.json").random_weights
     assert Checkpoint.open(folder).config.n_layers == PRESETS["tiny"].n_layers
+    from gptoss_cli.tokenizer import load_encoding
+
+    enc = load_encoding(folder)  # the tokenizer.json written beside the weights
+    assert enc.decode(enc.encode("hello world")) == "hello world"
     assert not env.log
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
