@@ -149,7 +149,13 @@ def plan(model: str = "gpt-oss-20b", *, layout: str = "hf", local_dir: Path | No
     repo = repo_id_for(model)
     if layout not in LAYOUTS:
         raise GptossError(f"unknown layout {layout!r}", "use --layout hf or --layout original")
-    listing = hub.list_repo(repo, revision)
+    try:
+        listing = hub.list_repo(repo, revision)
+    except hub.HubUnreachable as e:
+        if on_disk(model, layout=layout, local_dir=local_dir, revision=revision) is None:
+            raise hub.HubUnreachable(f"model {repo} is not on this machine, and {e.reason}", e.hint,
+                                     e.reason) from None
+        raise
     files = select_files(listing, layout)
     raw = _json(hub.fetch_bytes(listing, "config.json"), f"{repo}/config.json")
     try:

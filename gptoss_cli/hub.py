@@ -49,6 +49,10 @@ class HubError(GptossError):
 class HubUnreachable(HubError):
     """No network, offline mode, or an endpoint that does not answer."""
 
+    def __init__(self, message: str, hint: str | None = None, reason: str | None = None):
+        super().__init__(message, hint)
+        self.reason = reason or message  # why, without the subject: "offline mode is on (...)"
+
 
 class DiskSpaceError(GptossError):
     """Not enough free space for the download, or the disk filled up during it."""
@@ -514,10 +518,12 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
     page = f"{endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(e, OfflineModeIsEnabled):
+        reason = "offline mode is on (HF_HUB_OFFLINE=1)"
         return HubUnreachable(
-            f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE=1)",
+            f"cannot download {repo_id}: {reason}",
             "unset HF_HUB_OFFLINE to download, or pass --model FOLDER to use a checkpoint on disk; "
             "`gptoss download --list` shows what is there",
+            reason,
         )
     if isinstance(e, GatedRepoError):
         return HubError(
@@ -539,11 +545,12 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
             return HubError(f"access to {repo_id} is forbidden (403)", f"your token may lack read access; {login}")
         return HubError(f"the hub answered {status} for {repo_id}", "try again later; a partial download resumes")
     if isinstance(e, _transport_errors()):
-        reason = str(e).strip() or type(e).__name__
+        reason = f"the Hugging Face hub at {endpoint()} cannot be reached ({str(e).strip() or type(e).__name__})"
         return HubUnreachable(
-            f"cannot reach the Hugging Face hub at {endpoint()} ({reason})",
+            f"cannot download {repo_id}: {reason}",
             "check your network, proxy or HF_ENDPOINT; to use a model already on disk pass --model FOLDER, "
             "or try gptoss offline with `gptoss download tiny-random`",
+            reason,
         )
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskSpaceError("disk full", "free some space; the partial download is kept and resumes")

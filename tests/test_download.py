@@ -427,13 +427,15 @@ def test_offline_and_unreachable_hub(env, monkeypatch, tmp_path):
     r = cli(REPO, "--yes")
     assert r.exit_code == 1
     line = one_line_error(r)
-    assert "offline mode is on (HF_HUB_OFFLINE=1)" in line and "--model FOLDER" in line
+    assert "model openai/gpt-oss-20b is not on this machine, and offline mode is on (HF_HUB_OFFLINE=1)" in line
+    assert "--model FOLDER" in line
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     r = cli(REPO, "--yes")
     assert r.exit_code == 1
     line = one_line_error(r)
-    assert "cannot reach the Hugging Face hub at http://127.0.0.1:9" in line and "tiny-random" in line
+    assert "not on this machine, and the Hugging Face hub at http://127.0.0.1:9 cannot be reached" in line
+    assert "tiny-random" in line
     assert not env.log
 
 
@@ -623,7 +625,7 @@ def test_environment_variables_offline_and_unreachable(fake_hub, tmp_path):
     assert off.returncode == 1 and "offline mode is on" in off.stderr and "Traceback" not in off.stderr
     down = subprocess.run(cmd, cwd=ROOT, env=_subprocess_env(fake_hub, tmp_path, HF_ENDPOINT="http://127.0.0.1:9"),
                           capture_output=True, text=True, timeout=60)
-    assert down.returncode == 1 and "cannot reach the Hugging Face hub at http://127.0.0.1:9" in down.stderr
+    assert down.returncode == 1 and "the Hugging Face hub at http://127.0.0.1:9 cannot be reached" in down.stderr
     assert len(down.stderr.strip().splitlines()) == 1
     assert not fake_hub.log
 
