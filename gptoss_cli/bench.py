@@ -76,8 +76,8 @@ The JSON result (``--format json``; what ``--baseline`` reads):
       "bandwidth_gbps": 2950.1,
       "bandwidth": {"method": "device-to-device copy", "bytes": 1073741824,
                     "counted": "read + write", "gbps_values": [...]},
-      "timing": {"wall_s", "load_s", "bandwidth_s", "fill_s", "warmup_s", "runs_s",
-                 "measured_s"},                          where the wall clock went
+      "timing": {"wall_s", "load_s", "info_s", "bandwidth_s", "fill_s", "warmup_s", "runs_s",
+                 "measured_s"},                          where the wall clock went (seconds)
       "warnings": ["..."],
       "results": [
         {"prompt_len": 128, "batch": 1, "context_depth": 0, "gen_tokens": 128,
@@ -99,20 +99,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import inspect
-import json
-import os
 import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import benchstats
 from .config import PRESETS, ModelConfig, preset
-from .engine import PREFILL_CHUNK, Engine, memory_stats, pick_dtype
+from .engine import PREFILL_CHUNK, Engine, memory_stats, pick_device, pick_dtype
 from .errors import GptossError
 
 SCHEMA = "gptoss-bench/1"
@@ -212,6 +210,7 @@ def make_options(model, random_weights, prompt_lens, gen_tokens, batch, context_
                           "give --model FOLDER|HUB_ID or --random-weights gpt-oss-20b|gpt-oss-120b|small|tiny")
     if random_weights and random_weights not in PRESETS:
         preset(random_weights)                      # raises: unknown preset, with the choices
+    pick_dtype(dtype, pick_device(device))           # unknown device or dtype: one line, now
     if gen_tokens < 2:
         raise GptossError(f"--gen-tokens {gen_tokens}: decode needs at least 2 tokens",
                           "the first token comes from prefill; decode is timed from the second")
@@ -240,6 +239,7 @@ def run(model=None, random_weights=None, prompt_lens="128,2048", gen_tokens=128,
         raise GptossError(f"--output {output}: the folder {Path(output).parent} does not exist")
     result = execute(opts, progress=True)
     benchstats.emit(result, fmt, sys.stdout)
+    benchstats.print_notes(result)
     if output is not None:
         out_fmt = fmt if fmt in ("json", "csv", "md") else "json"
         with open(output, "w", encoding="utf-8", newline="") as f:
@@ -252,7 +252,8 @@ def run(model=None, random_weights=None, prompt_lens="128,2048", gen_tokens=128,
 def execute(opts: Options, progress: bool = False) -> dict:
     """Load the model, measure the bandwidth, run the sweep; the JSON result as a dict."""
     t_start = time.perf_counter()
-    timing = dict.fromkeys(("load_s", "bandwidth_s", "fill_s", "warmup_s", "runs_s", "measured_s"), 0.0)
+    timing = dict.fromkeys(("load_s", "info_s", "bandwidth_s", "fill_s", "warmup_s", "runs_s",
+                            "measured_s"), 0.0)
     bar = benchstats.Progress(enabled=progress, total=len(_configs(opts)) * (opts.warmup + opts.repeat))
     with bar:
         bar.say("loading the model")
@@ -262,7 +263,9 @@ def execute(opts: Options, progress: bool = False) -> dict:
         bar.say("measuring memory bandwidth")
         bandwidth = measure_bandwidth(engine.device)
         timing["bandwidth_s"] = time.perf_counter() - t
-        system, warnings = _system(engine, opts)
+        t = time.perf_counter()
+        system, warnings = _system(engine, opts)    # imports triton: seconds, not nothing
+        timing["info_s"] = time.perf_counter() - t
         results = [_measure_config(engine, opts, P, B, d, bandwidth["gbps"], timing, bar)
                    for P, B, d in _configs(opts)]
     timing["wall_s"] = time.perf_counter() - t_start
@@ -388,6 +391,8 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, reps: int
         _sync(device)
         values.append(2 * nbytes * inner / (time.perf_counter() - t0) / 1e9)
     del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()                      # the probe's buffers must not count as peak
     method = "device-to-device copy" if device.type == "cuda" else "memcpy (torch copy_)"
     return {"gbps": max(values), "method": method, "bytes": nbytes, "counted": "read + write",
             "gbps_values": values}
@@ -436,7 +441,7 @@ def _one_run(engine: Engine, cache, prompt: torch.Tensor, depth: int, gen: int, 
     model, dev = engine.model, engine.device
     t_run = time.perf_counter()
     cache.restore(snap) if snap is not None else cache.reset()
-    B, P = prompt.shape
+    P = prompt.shape[1]                                                             # [B, P]
     _sync(dev)
     t0 = time.perf_counter()
     h = _prefill(model, cache, prompt, depth)
@@ -498,6 +503,8 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
         timing["runs_s"] += r["wall_s"]
         timing["measured_s"] += r["ttft_s"] + r["decode_s"]
     del cache, snap
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()                      # the next configuration's peak starts clean
     return {"prompt_len": P, "batch": B, "context_depth": depth, "gen_tokens": G,
             "decode_context": [contexts[0], contexts[-1]], "bytes_per_token": bpt,
             **{k: benchstats.summarize(v) for k, v in figs.items()},

@@ -79,6 +79,10 @@ class Progress:
     """A Rich progress bar over the sweep's runs, on stderr so stdout stays clean; or nothing."""
 
     def __init__(self, enabled: bool, total: int):
+        if enabled:                            # a bar only where someone watches (not in CI logs)
+            from rich.console import Console
+
+            enabled = Console(stderr=True).is_terminal
         self.enabled = enabled
         self.total = total
         self._bar = None
@@ -128,16 +132,16 @@ def emit(result: dict, fmt: str, out: TextIO) -> None:
 
 
 def describe(result: dict) -> str:
-    """One line saying what ran: model, weights, device, dtype, path, graph, context."""
+    """One line saying what ran: model, weights, context, device, versions, dtype, path, graph."""
     s, m = result["system"], result["model"]
     kernels = s.get("kernels") or s.get("ops")
     if isinstance(kernels, (dict, list)):
         kernels = json.dumps(kernels, separators=(",", ":"))
     weights = "RANDOM weights" if m["random_weights"] else "weights from " + str(m.get("path") or m["name"])
-    device_name = s.get("cpu_name") or s.get("device_name") if s.get("device") == "cpu" else s.get("device_name")
-    return (f"{m['name']} ({weights}), context {m['context']} | {device_name} [{s.get('device')}]"
-            f", driver {s.get('driver')}, torch {s.get('torch')}, triton {s.get('triton')} | {s.get('dtype')}"
-            f", ops {kernels}, CUDA graph {'on' if s.get('cuda_graph') else 'off'}"
+    name = s.get("cpu_name") or s.get("device_name") if s.get("device") == "cpu" else s.get("device_name")
+    versions = ", ".join(f"{k} {s[k]}" for k in ("driver", "cuda", "torch", "triton") if s.get(k))
+    return (f"{m['name']} ({weights}), context {m['context']} | {name} [{s.get('device')}], {versions}"
+            f" | {s.get('dtype')}, ops {kernels}, CUDA graph {'on' if s.get('cuda_graph') else 'off'}"
             f" | bandwidth {result['bandwidth_gbps']:.1f} GB/s measured ({result['bandwidth']['method']})")
 
 
@@ -161,7 +165,7 @@ def print_table(result: dict, out: TextIO) -> None:
     from rich.table import Table
 
     n = result["settings"]["repeat"]
-    caption = f"mean ± std of {n} runs after {result['settings']['warmup']} warm-up"
+    caption = f"mean ± std of {n} run(s) after {result['settings']['warmup']} warm-up run(s)"
     if result["model"]["random_weights"]:
         caption += "; RANDOM weights: the speed is real, the tokens are noise"
     from rich.text import Text
@@ -175,31 +179,43 @@ def print_table(result: dict, out: TextIO) -> None:
     if not con.is_terminal:                # a pipe or file: do not squeeze to 80 columns
         con = Console(file=out, width=220)
     con.print(table)
+
+
+def print_notes(result: dict) -> None:
+    """The result's warnings, on stderr (every format also keeps them in its output)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    con = Console(stderr=True, highlight=False, soft_wrap=True)
     for w in result.get("warnings", []):
-        Console(stderr=True).print(f"[yellow]note:[/] {w}", highlight=False)
+        con.print(f"[yellow]note:[/] {escape(w)}")
 
 
 def to_markdown(result: dict) -> str:
     n, s = result["settings"]["repeat"], result["settings"]
+    notes = [f"Note: {w}." for w in result.get("warnings", []) if "random weights" not in w]
     lines = [
         f"**gptoss bench**: {describe(result)}",
         "",
-        f"Mean ± standard deviation of {n} runs after {s['warmup']} warm-up run(s) per configuration"
+        f"Mean ± standard deviation of {n} run(s) after {s['warmup']} warm-up run(s) per configuration"
         + ("; **random weights**: the speed is real, the tokens are noise." if result["model"]["random_weights"] else "."),
         "",
         "| " + " | ".join(HEADERS) + " |",
         "| " + " | ".join("---:" for _ in HEADERS) + " |",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines) + "\n"
 
 
 def to_csv(result: dict) -> str:
     """One row per configuration; each figure as _mean, _std, _median; what ran in every row."""
     s, m = result["system"], result["model"]
+    ops = s.get("kernels") or s.get("ops")
     ident = {"model": m["name"], "random_weights": m["random_weights"], "device": s.get("device"),
              "device_name": s.get("device_name"), "dtype": s.get("dtype"),
-             "ops": s.get("kernels") or s.get("ops"), "cuda_graph": s.get("cuda_graph"),
+             "ops": json.dumps(ops) if isinstance(ops, (dict, list)) else ops, "cuda_graph": s.get("cuda_graph"),
              "bandwidth_gbps": result["bandwidth_gbps"]}
     buf = io.StringIO()
     cols = list(ident) + list(CONFIG_KEYS) + ["bytes_per_token"] + [
