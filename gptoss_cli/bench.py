@@ -64,8 +64,9 @@ The JSON result (``--format json``; what ``--baseline`` reads):
         "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "driver": "570.86",
         "cuda": "12.8", "torch": "2.9.0", "triton": "3.5.0", "python": "3.12.3",
         "dtype": "bfloat16", "ops": "...", (any other key runtime_info gives, e.g. "kernels"),
-        "cuda_graph": false, "bench_path": "Transformer.forward, B aligned streams, eager",
-        "cpu_threads": 16
+        "cuda_graph": false, "engine_cuda_graph": (only when the engine has one),
+        "bench_path": "Transformer.forward, B aligned streams, eager",
+        "cpu_threads": 16, "cpu_name": "..."
       },
       "model": {"name": "gpt-oss-20b", "preset": "gpt-oss-20b", "path": null,
                 "random_weights": true, "context": 2304, "weights_bytes": 13761264000,
