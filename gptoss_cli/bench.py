@@ -354,6 +354,9 @@ def _system(engine: Engine, opts: Options) -> tuple[dict, list[str]]:
     info["cpu_name"] = _cpu_name()
     if engine.config.random_weights:
         warnings.append("random weights: the speed is real, the tokens are noise")
+    if opts.warmup == 0:
+        warnings.append("--warmup 0: the first run of each configuration includes one-time costs "
+                        "(compilation, autotuning, allocation)")
     return info, warnings
 
 

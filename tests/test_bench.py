@@ -84,8 +84,9 @@ def test_bytes_per_token_scales_as_documented():
     assert bench.decode_bytes(cfg, 2048, batch=1000)["experts"] == pytest.approx(32 * one_expert)
 
 
-def test_random_router_spreads_tokens_over_experts(monkeypatch):
-    cfg = PRESETS["tiny"].replace(n_experts=32)
+@pytest.mark.parametrize("n_experts", [32, 128])                 # gpt-oss-20b's and 120b's counts
+def test_random_router_spreads_tokens_over_experts(monkeypatch, n_experts):
+    cfg = PRESETS["tiny"].replace(n_experts=n_experts)
     eng = Engine.random(cfg, device="cpu", dtype="float32", max_context=512)
     picked = []
     route = ops.route
@@ -96,7 +97,7 @@ def test_random_router_spreads_tokens_over_experts(monkeypatch):
         return weights, experts
 
     monkeypatch.setattr(ops, "route", recording_route)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     eng.model.forward(tokens, eng.model.new_cache(1), 0)
     assert len(picked) == cfg.n_layers
     for experts in picked:
@@ -104,7 +105,7 @@ def test_random_router_spreads_tokens_over_experts(monkeypatch):
         share = load / load.sum()
         entropy = -(share[share > 0] * share[share > 0].log()).sum().item()
         assert (load > 0).sum() >= 0.9 * cfg.n_experts            # nearly every expert is used
-        assert share.max() < 3 / cfg.n_experts                       # none takes the bulk
+        assert share.max() < 4 / cfg.n_experts                       # none takes the bulk
         assert entropy > 0.9 * math.log(cfg.n_experts)
 
 
@@ -330,3 +331,17 @@ def test_figures_add_up_to_the_wall_clock():
         for run, tps, ttft in zip(r["runs"], r["decode_tok_s"]["values"], r["ttft_ms"]["values"]):
             assert tps == pytest.approx(r["batch"] * (12 - 1) / run["decode_s"])   # G-1 tokens/stream
             assert ttft == pytest.approx(1e3 * run["ttft_s"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_gpu_memory_and_bandwidth_come_from_the_device():
+    opts = bench.make_options(None, "tiny", "16", 8, "1,2", "0,32", 2, 1, device="cuda")
+    res = bench.execute(opts)
+    assert res["system"]["device"].startswith("cuda") and res["system"]["driver"]
+    assert res["bandwidth"]["method"] == "device-to-device copy" and res["bandwidth_gbps"] > 100
+    for r in res["results"]:
+        mem = r["memory"]
+        assert {"peak_allocated", "peak_reserved", "device_used", "device_total"} <= set(mem)
+        assert r["peak_mem_gb"]["values"][-1] == pytest.approx(mem["peak_reserved"] / 1e9)
+        assert 0 < r["roofline_share"]["median"] < 1.5
