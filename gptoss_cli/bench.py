@@ -55,26 +55,26 @@ context this gives 3.761 GB (attention 1.274, experts 1.271, unembedding 1.158, 
 bound of the traffic: the PyTorch reference path also reads the dequantized experts it writes, so
 its share is far below what kernels that dequantize in registers reach.
 
-The JSON result (``--format json``; what ``--baseline`` reads):
+The JSON result (``--format json``; what ``--baseline`` reads; the values are examples):
 
     {
       "schema": "gptoss-bench/1",
       "created": "2026-11-21T17:00:00+00:00",            UTC
       "system": {                                        what ran (Engine.runtime_info, plus):
-        "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "driver": "570.86",
-        "cuda": "12.8", "torch": "2.9.0", "triton": "3.5.0", "python": "3.12.3",
+        "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "driver": "...",
+        "cuda": "...", "torch": "...", "triton": "...", "python": "...",
         "dtype": "bfloat16", "ops": "...", (any other key runtime_info gives, e.g. "kernels"),
         "cuda_graph": false, "engine_cuda_graph": (only when the engine has one),
         "bench_path": "Transformer.forward, B aligned streams, eager",
         "cpu_threads": 16, "cpu_name": "..."
       },
       "model": {"name": "gpt-oss-20b", "preset": "gpt-oss-20b", "path": null,
-                "random_weights": true, "context": 2304, "weights_bytes": 13761264000,
+                "random_weights": true, "context": 2176, "weights_bytes": ...,
                 "params": {"total": ..., "active_per_token": ..., "embedding": ..., ...},
                 "config": {ModelConfig fields}},
       "settings": {"prompt_lens": [128, 2048], "gen_tokens": 128, "batch": [1],
                    "context_depth": [0], "repeat": 3, "warmup": 1, "seed": 0},
-      "bandwidth_gbps": 2950.1,
+      "bandwidth_gbps": ...,                             GB/s, the best of the copies
       "bandwidth": {"method": "device-to-device copy", "bytes": 1073741824,
                     "counted": "read + write", "gbps_values": [...]},
       "timing": {"wall_s", "load_s", "info_s", "bandwidth_s", "fill_s", "warmup_s", "runs_s",
@@ -82,7 +82,7 @@ The JSON result (``--format json``; what ``--baseline`` reads):
       "warnings": ["..."],
       "results": [
         {"prompt_len": 128, "batch": 1, "context_depth": 0, "gen_tokens": 128,
-         "decode_context": [129, 255], "bytes_per_token": 3.75e9,
+         "decode_context": [129, 255], "bytes_per_token": ...,  mean over the decode steps
          "prefill_tok_s": {"mean": ..., "std": ..., "median": ..., "values": [...]},
          "ttft_ms", "decode_tok_s", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "peak_mem_gb",
          "decode_gbps", "roofline_share": {same four keys},
