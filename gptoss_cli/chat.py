@@ -133,7 +133,13 @@ def offer_download(model: str, yes: bool, err: Console) -> Path:
     """Like ``ollama run``: show what the download is, ask, fetch, go on."""
     from . import download
 
-    files = download.plan(model)
+    try:
+        files = download.plan(model)
+    except GptossError as e:
+        raise ModelNotFoundError(
+            f"model {model} is not on this machine, and it cannot be downloaded now: {e.message}",
+            f"run `gptoss download {model}` when the hub is reachable, or pass --model FOLDER",
+        ) from None
     size = sum(f.size for f in files)
     err.print(f"{escape(model)} is not on this machine. Downloading it takes {human_bytes(size)} ({len(files)} files).")
     if not yes:
@@ -217,7 +223,8 @@ class Repl:
         except OSError:
             history = InMemoryHistory()
         return PromptSession(history=history, completer=SlashCompleter(), key_bindings=keys,
-                             complete_while_typing=True, enable_history_search=False)
+                             complete_while_typing=True, enable_history_search=False,
+                             reserve_space_for_menu=0)
 
     def read(self) -> str:
         """One message: a line, a triple-quoted block, or Alt+Enter-joined lines. EOFError leaves."""

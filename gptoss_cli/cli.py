@@ -133,20 +133,20 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     random_weights: Optional[str] = typer.Option(None, "--random-weights", help="Random MXFP4 weights in a preset's shape (gpt-oss-20b, gpt-oss-120b, small, tiny)."),
     prompt_lens: str = typer.Option("128,2048", "--prompt-lens", help="Comma-separated prompt lengths."),
-    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens decoded per run."),
-    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes."),
-    context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated cache depths to decode after."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens generated per run (the first comes from prefill; decode is timed over the rest)."),
+    batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes (aligned streams)."),
+    context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated numbers of tokens already in the cache before the prompt."),
     repeat: int = typer.Option(3, "--repeat", help="Measured runs per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs per configuration."),
     fmt: str = typer.Option("table", "--format", help="table, json, csv or md."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file."),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result to compare with."),
-    max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed slowdown against --baseline."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file (JSON unless --format is csv or md)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result; exit 3 if a figure regressed."),
+    max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
 ):
-    """Measure prefill and decode speed, time to first token and memory."""
+    """Measure prefill and decode speed, time to first token, memory and the roofline share."""
     from . import bench as mod
 
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,

@@ -29,6 +29,7 @@ from .model import Transformer
 
 PREFILL_CHUNK = 2048      # tokens per forward during prefill (bounds activation memory)
 MAX_SNAPSHOTS = 8
+SNAPSHOT_TAIL = 8       # a second snapshot this many tokens before the end of each prompt
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -250,15 +251,16 @@ class Engine:
                 break
             common += 1
         self.snapshots = [s for s in self.snapshots if s.length <= common]
+        for snap in self.snapshots:               # the whole prompt, its logits included
+            if snap.length == len(tokens) and snap.logits is not None:
+                return snap.length, snap
         best = min(common, len(tokens) - 1)       # at least one token to get logits from
         if self.cache.can_rewind(best):
-            snap = self.snapshots[-1] if self.snapshots else None
-            if snap is not None and snap.length == len(tokens) and snap.logits is not None:
-                return snap.length, snap                # the whole prompt, logits included
             return best, None
-        for snap in reversed(self.snapshots):
-            if snap.length <= best or (snap.length == len(tokens) and snap.logits is not None):
-                return snap.length, snap
+        usable = [s for s in self.snapshots if s.length <= best]
+        if usable:
+            snap = max(usable, key=lambda s: s.length)
+            return snap.length, snap
         return 0, None
 
     def _prefill(self, tokens: list[int], st: GenerationStats) -> torch.Tensor:
@@ -273,15 +275,29 @@ class Engine:
         st.reused_tokens, st.prefill_tokens = start, len(tokens) - start
         if start == len(tokens):
             return snap.logits
-        logits = None
-        for s in range(start, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[s:s + PREFILL_CHUNK]
+        # Snapshot a few tokens before the end too: the next prompt often diverges right at the
+        # end of this one (a chat template's "assistant" header re-rendered differently).
+        cut = len(tokens) - SNAPSHOT_TAIL
+        if cut > start:
+            self._forward_chunks(tokens, start, cut)
+            self._keep_snapshot(self.cache.snapshot())
+            start = cut
+        logits = self._forward_chunks(tokens, start, len(tokens))
+        self._keep_snapshot(self.cache.snapshot(logits))
+        return logits
+
+    def _forward_chunks(self, tokens: list[int], start: int, end: int) -> torch.Tensor:
+        """Prefill tokens[start:end] in chunks; the logits of the last one."""
+        for s in range(start, end, PREFILL_CHUNK):
+            chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
             h = self.model.forward(self._tensor(chunk), self.cache, s)
             self.cached_tokens = tokens[:s + len(chunk)]
-            logits = self.model.logits(h[0, -1])
-        self.snapshots = [s for s in self.snapshots if s.length < len(tokens)][-(MAX_SNAPSHOTS - 1):]
-        self.snapshots.append(self.cache.snapshot(logits))
-        return logits
+        return self.model.logits(h[0, -1])
+
+    def _keep_snapshot(self, snap: RingSnapshot) -> None:
+        """Keep ``snap`` (replacing one of the same length); the newest MAX_SNAPSHOTS stay."""
+        kept = [s for s in self.snapshots if s.length != snap.length] + [snap]
+        self.snapshots = kept[-MAX_SNAPSHOTS:]
 
     def _step(self, tok: int, pos: int) -> torch.Tensor:
         h = self.model.forward(self._tensor([tok]), self.cache, pos)

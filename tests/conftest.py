@@ -16,7 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing in the tests reaches the hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too: tiny shapes gain nothing from threads
+torch.set_num_threads(1)
 
 from gptoss_cli.config import PRESETS  # noqa: E402
 from gptoss_cli.synthetic import write_checkpoint  # noqa: E402

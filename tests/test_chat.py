@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,8 +93,8 @@ def test_second_turn_prefills_only_what_is_new(tiny_full):
     first_prompt = len(s.prompt_tokens("hello"))
     s.respond("hello")
     t2 = s.respond("and again")
-    assert t2.stats["reused_tokens"] >= first_prompt
-    assert t2.stats["prefill_tokens"] < t2.stats["prompt_tokens"] - first_prompt + 40
+    assert t2.stats["reused_tokens"] >= first_prompt - 8     # the engine snapshots 8 before the end
+    assert t2.stats["prefill_tokens"] < t2.stats["prompt_tokens"] - first_prompt + 48
     # and the reuse is exact: a fresh session replaying the same turns gives the same reply
     fresh = ChatSession(Engine.load(tiny_full, device="cpu", dtype="float32"),
                         Conversation(current_date="2026-01-01"), Settings(temperature=0, max_tokens=20))
@@ -120,7 +121,7 @@ def _spawn(tiny_full, tmp_path, *extra):
     child = pexpect.spawn(GPTOSS[0], GPTOSS[1:] + ["chat", "--model", str(tiny_full), "--temperature", "0",
                           "--max-tokens", "12", "--context", "4096", *extra],
                           env=_env(tmp_path), encoding="utf-8", timeout=120, dimensions=(50, 200))
-    child.expect(">>> ")
+    child.expect(">>>")
     return child
 
 
@@ -128,35 +129,35 @@ def test_interactive_session_in_a_pty(tiny_full, tmp_path):
     child = _spawn(tiny_full, tmp_path)
     child.sendline("hello there")
     child.expect("ttft")                                # the stats line after the reply
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/context")
     child.expect("Reasoning: medium")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/effort high")
     child.expect("reasoning effort: high")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/context")
     child.expect("Reasoning: high")                     # the rendered system message changed
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("second message")
     child.expect("ttft")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/undo")
     child.expect("removed the last turn")
-    child.expect(">>> ")
+    child.expect(">>>")
     transcript = tmp_path / "chat.json"
     child.sendline(f"/save {transcript}")
     child.expect("saved")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/reset")
     child.expect("conversation cleared")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline(f"/load {transcript}")
     child.expect("loaded 1 turns")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/nonsense")
     child.expect("unknown command")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendcontrol("d")
     child.expect("bye")
     child.expect(pexpect.EOF)
@@ -172,21 +173,22 @@ def test_ctrl_c_during_a_reply_keeps_the_session(tiny_full, tmp_path):
     child = _spawn(tiny_full, tmp_path)
     child.sendline("/set max_tokens 3000")
     child.expect("max_tokens = 3000")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("tell me a very long story")
-    child.expect(r"\S{3}")                              # the reply has started streaming
+    child.expect_exact("\x1b[?2004l")                   # prompt-toolkit gave the terminal back
+    time.sleep(2.0)                                     # the reply is streaming (3000 tokens)
     child.sendintr()
     child.expect("interrupted")
     child.expect("ttft")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/stats")
     child.expect("generated_tokens")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("/set max_tokens 5")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendline("still there?")                      # the session goes on after Ctrl-C
     child.expect("ttft")
-    child.expect(">>> ")
+    child.expect(">>>")
     child.sendintr()                                    # Ctrl-C on an empty prompt leaves
     child.expect("bye")
     child.expect(pexpect.EOF)
