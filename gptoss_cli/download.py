@@ -451,7 +451,14 @@ def fetch_eval(name: str, *, revision: str | None = None, console=None) -> Path:
     ds = EVAL_DATASETS.get(name)
     if ds is None:
         raise GptossError(f"unknown eval data set {name!r}", f"choose one of {', '.join(EVAL_DATASETS)}")
-    listing = hub.list_repo(ds.repo, revision, repo_type="dataset")
+    try:
+        listing = hub.list_repo(ds.repo, revision, repo_type="dataset")
+    except hub.HubUnreachable as e:
+        if revision is None and all((ds.folder / f).is_file() for f in ds.files):
+            console.print(f"[yellow]{escape(e.reason)}[/]: using the copy already on disk, "
+                          f"{escape(str(ds.folder))}", soft_wrap=True)
+            return ds.folder
+        raise
     missing = [f for f in ds.files if f not in listing.files]
     if missing:
         raise GptossError(f"dataset {ds.repo} has no {', '.join(missing)}", "the data set changed on the hub; "

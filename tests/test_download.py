@@ -357,6 +357,11 @@ def test_eval_datasets(env):
     folder = download.EVAL_DATASETS["aime25"].folder
     assert folder == Path(os.environ["GPTOSS_HOME"]) / "evals" / "aime25"
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["aime2025-I.jsonl", "aime2025-II.jsonl"]
+    assert cli("--eval", "aime25").exit_code == 0  # again: nothing to fetch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        offline = cli("--eval", "aime25")
+        assert offline.exit_code == 0 and "using the copy already on disk" in offline.output
     gated = cli("--eval", "gpqa-diamond")
     assert gated.exit_code == 1
     line = one_line_error(gated)
