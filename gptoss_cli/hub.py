@@ -510,7 +510,7 @@ def fetch_all(listing: RepoListing, files: list[RemoteFile], target, progress: P
 def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision: str | None = None) -> GptossError:
     """One line (and a hint) for what went wrong talking to the hub."""
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
@@ -525,6 +525,8 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
             "`gptoss download --list` shows what is there",
             reason,
         )
+    if isinstance(e, HFValidationError):
+        return HubError(f"{repo_id!r} is not a valid hub repo id", "a hub id looks like openai/gpt-oss-20b")
     if isinstance(e, GatedRepoError):
         return HubError(
             f"{repo_id} is a gated {kind} and this account has no access to it",

@@ -415,6 +415,8 @@ def test_unknown_repo_revision_and_gated(env):
     r = cli("someone/gated-oss", "--yes")
     line = one_line_error(r)
     assert "someone/gated-oss is a gated model" in line and f"{env.url}/someone/gated-oss" in line
+    r = cli("bad name/x y", "--yes")
+    assert "'bad name/x y' is not a valid hub repo id" in one_line_error(r)
     r = cli("not a model", "--yes")
     assert "not a model gptoss can download" in one_line_error(r)
 
