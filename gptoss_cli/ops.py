@@ -1,8 +1,18 @@
-"""The model's operations, one function each, in plain PyTorch.
+"""The model's operations, one function each, in plain PyTorch, and the switch to Triton.
 
-These are the references: the forward pass (``model.py``) calls only these functions, and the
-Triton kernels of ``gptoss_kernels`` slot in underneath with the same signatures on CUDA. Norms,
-softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
+The bodies here are the references: the forward pass (``model.py``) calls only these functions.
+Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` instead when
+``use_kernels`` says so for its first tensor's device (the one place that decides):
+
+- ``GPTOSS_KERNELS`` unset or ``auto``: kernels on CUDA tensors when triton imports, else the
+  reference;
+- ``GPTOSS_KERNELS=0``: always the reference (A/B on a GPU);
+- ``GPTOSS_KERNELS=1``: always the kernels, on CPU too (only useful under ``TRITON_INTERPRET=1``:
+  the tests run the whole engine that way).
+
+There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
+plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
+Norms, softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
 
 Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh, ``n_experts`` E,
 ``d_model`` D, ``d_ff`` F.
@@ -10,10 +20,69 @@ Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh,
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+KERNELS_ENV = "GPTOSS_KERNELS"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(device: torch.device) -> bool:
+    """Whether ops on tensors of ``device`` run the Triton kernels (see the module docstring)."""
+    mode = os.environ.get(KERNELS_ENV, "auto")
+    if mode == "0":
+        return False
+    if mode == "1":
+        return True           # forced: an ImportError of triton surfaces at the first call
+    if mode != "auto":
+        raise ValueError(f"{KERNELS_ENV}={mode!r}: use auto, 0 or 1")
+    return device.type == "cuda" and triton_available()
+
+
+# op name -> (gptoss_kernels module, Triton kernel names), for runtime_info and benchmarks
+KERNEL_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def _kernel_op(module: str, kernels: tuple[str, ...]):
+    """Run ``gptoss_kernels.<module>.<op name>`` instead of the decorated reference when
+    ``use_kernels`` holds for the first argument's device."""
+
+    def deco(ref):
+        impl = []
+
+        @functools.wraps(ref)
+        def op(*args, **kwargs):
+            if use_kernels(args[0].device):
+                if not impl:
+                    impl.append(getattr(importlib.import_module(f"gptoss_kernels.{module}"), ref.__name__))
+                return impl[0](*args, **kwargs)
+            return ref(*args, **kwargs)
+
+        op.reference = ref
+        KERNEL_TABLE[ref.__name__] = (module, kernels)
+        return op
+
+    return deco
+
+
+def kernel_names(device: torch.device) -> list[str]:
+    """The Triton kernels the ops run on ``device`` ([] on the reference path)."""
+    if not use_kernels(device):
+        return []
+    return sorted({k for _, names in KERNEL_TABLE.values() for k in names})
 
 # FP4 E2M1 code -> value (OCP Microscaling spec, table 5); the high bit is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -42,11 +111,19 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return vals.flatten(-2).to(dtype)                                        # [..., G*32]
 
 
+@_kernel_op("norm", ("_rmsnorm_kernel",))
 def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32; ``scale`` is float32 [D]; returns x's dtype."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * scale).to(x.dtype)
+
+
+@_kernel_op("norm", ("_rmsnorm_kernel",))
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float):
+    """The pre-norm residual step: ``x + delta`` (in x's dtype) and its RMSNorm."""
+    x = x + delta
+    return x, rmsnorm.reference(x, scale, eps)
 
 
 def rope_table(
