@@ -163,6 +163,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+@_kernel_op("attention", ("_attn_fwd", "_attn_combine"))
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
