@@ -207,6 +207,7 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
+@_kernel_op("moe", ("_route_kernel",))
 def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
     """Router: top-k of the logits, softmax over those k only. x [N, D] -> (weights [N, k] float32,
     experts [N, k] int64)."""
@@ -215,6 +216,7 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     return torch.softmax(top.float(), dim=-1), experts
 
 
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"))
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
@@ -226,7 +228,7 @@ def moe(
     Each expert in use is dequantized on its own (never all of them): W1 [2F, D] with the
     clamped SwiGLU after it, then W2 [D, F]; outputs are summed with the router weights.
     """
-    weights, experts = route(x, router_w, router_b, top_k)
+    weights, experts = route.reference(x, router_w, router_b, top_k)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():
         tok, slot = torch.nonzero(experts == e, as_tuple=True)

@@ -17,7 +17,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def devices_and_dtypes(bf16: bool = True):
     """(device, dtype) cases: fp32 and fp16 on this machine's device; bf16 only on CUDA."""
     dev = "cuda" if HAS_CUDA else "cpu"
-    cases = [(dev, torch.float32), (dev, torch.float16)]
+    cases = [pytest.param(dev, torch.float32, id=f"{dev}-fp32"), pytest.param(dev, torch.float16, id=f"{dev}-fp16")]
     if bf16:
         cases.append(pytest.param("cuda", torch.bfloat16, marks=cuda_only, id="cuda-bf16"))
     return cases
