@@ -163,6 +163,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+@_kernel_op("rope", ("_rope_store_kernel",))
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE on q and k at positions ``pos`` [T] (rows of the full cos/sin tables), with the rotated
+    k and v stored in the cache: ``k_cache[:, slots[t]] = rope(k[:, t])``, same for v unrotated.
+    q [B, T, H, dh]; k, v [B, T, K, dh]; k_cache, v_cache [B, S, K, dh]. Returns rotated q."""
+    c, s = cos[pos], sin[pos]                                                # [T, dh/2]
+    k_cache.index_copy_(1, slots, apply_rope(k, c, s))
+    v_cache.index_copy_(1, slots, v)
+    return apply_rope(q, c, s)
+
+
 @_kernel_op("attention", ("_attn_fwd", "_attn_combine"))
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
