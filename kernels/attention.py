@@ -33,7 +33,7 @@ import triton.language as tl
 
 from gptoss_cli import ops
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # log2(e): host side only; kernels inline the literal
 DECODE_SPLIT_KEYS = 256      # keys per split-K program when few query rows face many keys
 DECODE_MAX_ROWS = 64         # T*G up to this: the decode layout (split-K)
 
@@ -66,7 +66,7 @@ def _attn_fwd(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + t[:, None].to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qp = tl.load(QPos + t, mask=row_ok, other=-1)           # -1: a padding row sees nothing
-    sink = tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+    sink = tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
     # running max starts at the sink (log2 domain): finite even for rows with no visible key
     m_i = sink
@@ -137,7 +137,7 @@ def _attn_combine(
     idx = sp.to(tl.int64) * n_rows + row
     m = tl.load(MPart + idx, mask=sp_ok, other=float("-inf"))
     l = tl.load(LPart + idx, mask=sp_ok, other=0.0)
-    sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+    sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
     m_all = tl.maximum(tl.max(m, axis=0), sink)
     w = tl.math.exp2(m - m_all)                                   # 0 for the padding splits
     l_all = tl.sum(l * w, axis=0) + tl.math.exp2(sink - m_all)
