@@ -160,13 +160,15 @@ def attention(
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "unit stride along dh"
     out = torch.empty(B, T, H, dh, dtype=q.dtype, device=q.device)
     rows = T * G
+    # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
+    big = 32 if q.dtype == torch.float32 else 64
     if rows <= DECODE_MAX_ROWS:
         block_m = max(16, triton.next_power_of_2(rows))
         n_splits = max(1, triton.cdiv(S, DECODE_SPLIT_KEYS))
     else:
-        block_m, n_splits = 64, 1
+        block_m, n_splits = big, 1
     split_len = triton.cdiv(S, n_splits) if S else 0
-    block_n = 64 if S >= 64 else max(16, triton.next_power_of_2(S))
+    block_n = big if S >= big else max(16, triton.next_power_of_2(S))
     split_len = triton.cdiv(split_len, block_n) * block_n
     n_splits = max(1, triton.cdiv(S, split_len)) if S else 1
     if n_splits > 1:

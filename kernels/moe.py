@@ -279,7 +279,9 @@ def _tiles(experts: torch.Tensor, n_experts: int, block_m: int):
     flat = experts.flatten()                                                 # [P]
     P = flat.numel()
     order = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_experts)                       # [E]
+    # not bincount: on CUDA it reads the max back to size its output (a host sync)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))                        # [E]
     starts = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)                                        # [E]
@@ -321,7 +323,8 @@ def moe(
             TOP_K=top_k, BLOCK_D=64, BLOCK_C=64,
         )
         return out
-    block_m, block_n, block_c = 64, 64, 32
+    # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
+    block_m, block_n, block_c = (32, 32, 16) if x.dtype == torch.float32 else (64, 64, 32)
     order, tile_expert, row0, row_end = _tiles(experts, E, block_m)
     ieee = x.dtype == torch.float32
     _moe_gemm1[(tile_expert.numel(), triton.cdiv(F, block_n))](
