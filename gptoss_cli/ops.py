@@ -84,6 +84,7 @@ def kernel_names(device: torch.device) -> list[str]:
         return []
     return sorted({k for _, names in KERNEL_TABLE.values() for k in names})
 
+
 # FP4 E2M1 code -> value (OCP Microscaling spec, table 5); the high bit is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _LUTS: dict[tuple, torch.Tensor] = {}
