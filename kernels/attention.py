@@ -63,7 +63,8 @@ def _attn_fwd(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D_HEAD
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + t[:, None].to(tl.int64) * stride_qt + h[:, None] * stride_qh + d[None, :]
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + t[:, None].to(tl.int64) * stride_qt
+              + h[:, None] * stride_qh + d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qp = tl.load(QPos + t, mask=row_ok, other=-1)           # -1: a padding row sees nothing
     sink = tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -119,7 +120,8 @@ def _attn_fwd(
     else:
         l_i = l_i + tl.math.exp2(sink - m_i)
         o = acc / l_i[:, None]
-        o_ptrs = Out + b.to(tl.int64) * stride_ob + t[:, None].to(tl.int64) * stride_ot + h[:, None] * stride_oh + d[None, :]
+        o_ptrs = (Out + b.to(tl.int64) * stride_ob + t[:, None].to(tl.int64) * stride_ot
+                  + h[:, None] * stride_oh + d[None, :])
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -136,13 +138,14 @@ def _attn_combine(
     sp_ok = sp < n_splits
     idx = sp.to(tl.int64) * n_rows + row
     m = tl.load(MPart + idx, mask=sp_ok, other=float("-inf"))
-    l = tl.load(LPart + idx, mask=sp_ok, other=0.0)
+    l_s = tl.load(LPart + idx, mask=sp_ok, other=0.0)
     sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
     m_all = tl.maximum(tl.max(m, axis=0), sink)
     w = tl.math.exp2(m - m_all)                                   # 0 for the padding splits
-    l_all = tl.sum(l * w, axis=0) + tl.math.exp2(sink - m_all)
+    l_all = tl.sum(l_s * w, axis=0) + tl.math.exp2(sink - m_all)
     d = tl.arange(0, BLOCK_D)
-    acc = tl.load(AccPart + idx[:, None] * D_HEAD + d[None, :], mask=sp_ok[:, None] & (d[None, :] < D_HEAD), other=0.0)
+    acc = tl.load(AccPart + idx[:, None] * D_HEAD + d[None, :],
+                  mask=sp_ok[:, None] & (d[None, :] < D_HEAD), other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / l_all
     tl.store(Out + row.to(tl.int64) * D_HEAD + d, o.to(Out.dtype.element_ty), mask=d < D_HEAD)
 

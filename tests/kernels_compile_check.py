@@ -82,8 +82,9 @@ def _ptxas(kernel, arch: int) -> dict:
 
 def exercise(dtype: torch.dtype) -> None:
     """Call every kernel the way the 20b model does, in ``dtype``."""
-    from gptoss_cli import ops
     from gptoss_kernels import attention, moe, norm, rope
+
+    from gptoss_cli import ops
 
     D, F, E, H, K, dh, W, ctx = 2880, 2880, 32, 64, 8, 64, 128, 4096
     g = torch.Generator().manual_seed(0)

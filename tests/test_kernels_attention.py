@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels_util import devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
-
 from gptoss_kernels import attention as attn
+from kernels_util import devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gptoss_kernels import rope
 from kernels_util import devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
 
 from gptoss_cli import ops
-from gptoss_kernels import rope
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
