@@ -58,6 +58,11 @@ def test_engine_decode_on_kernels(tiny_full, ref_engine, monkeypatch):
     assert eng.last_stats.reused_tokens >= 12
 
 
+def test_cpu_engine_reports_the_reference_path(tiny_full):
+    info = Engine.load(tiny_full, device="cpu", dtype="float32", cuda_graph=True).runtime_info()
+    assert info["ops"] == "pytorch-reference" and info["kernels"] == [] and info["cuda_graph"] is False
+
+
 def test_reference_switch(monkeypatch):
     monkeypatch.setenv(ops.KERNELS_ENV, "0")
     assert not ops.use_kernels(torch.device("cuda")) and ops.kernel_names(torch.device("cuda")) == []
