@@ -69,17 +69,20 @@ def test_attention(device, dtype, layout, T, start, window, ring, n_heads, n_kv_
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
 @pytest.mark.parametrize("window", [0, 16])
-def test_attention_split_keys(device, dtype, window, monkeypatch):
-    """Decode with the keys split over several programs and merged by _attn_combine."""
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 3)])
+def test_attention_split_keys(device, dtype, window, B, T, monkeypatch):
+    """Decode-sized calls with the keys split over several programs, merged by _attn_combine
+    (batch > 1 and several query tokens too: the partials are indexed by both)."""
     monkeypatch.setattr(attn, "DECODE_SPLIT_KEYS", 16)
-    g = torch.Generator().manual_seed(window + 1)
-    B, S, H, K, dh = 1, 75, 8, 2, 16
-    q = torch.randn(B, 1, H, dh, generator=g).to(device, dtype)
+    g = torch.Generator().manual_seed(window + B * 10 + T)
+    S, H, K, dh = 75, 8, 2, 16
+    q = torch.randn(B, T, H, dh, generator=g).to(device, dtype)
     k = torch.randn(B, S, K, dh, generator=g).to(device, dtype)
     v = torch.randn(B, S, K, dh, generator=g).to(device, dtype)
     sinks = torch.randn(H, generator=g).to(device)
     for p in (0, 31, 60):
-        args = (q, k, v, sinks, torch.tensor([p], device=device), torch.arange(S, device=device), window, 0.25)
+        q_pos = torch.arange(p, p + T, device=device)
+        args = (q, k, v, sinks, q_pos, torch.arange(S, device=device), window, 0.25)
         assert rel_err(attn.attention(*args), attn.attention_torch(*args)) < (2e-5 if dtype == torch.float32 else 1e-2)
 
 
