@@ -4,11 +4,18 @@ A full layer keeps every position up to ``max_context``. A windowed layer keeps 
 ``sliding_window`` positions in a ring (slot = position mod window), so a 128k context costs it
 128 slots. Each layer cache has the same small interface:
 
-- ``update(k, v, start) -> (keys, values, key_positions)``: store the new tokens' k/v (written at
-  positions start .. start+T-1) and return what the new queries attend over, with each slot's
-  absolute position (-1: empty);
+- ``slots_for(q_pos, start) -> (k_buf, v_buf, slots)``: where the new tokens (at positions
+  ``q_pos`` [T] = start .. start+T-1) must write their k and v (``buf[:, slots[t]]``); the
+  forward writes them there with RoPE applied (``ops.rope_store``), then
+- ``attend(q_pos, start) -> (keys, values, key_positions)``: what the new queries attend over,
+  with each slot's absolute position (-1: empty);
+- ``update(k, v, start)``: both steps for k already rotated (the plain form of the two above);
 - ``rewind(n)``: forget positions >= n;
 - ``reset()``.
+
+``start`` is an int, or (the CUDA-graph decode step) a device tensor: then nothing may depend on
+its value on the host, so a full layer hands out its whole buffer (causality masks the slots past
+the query) and the ring writes through device-side slot indices.
 
 The ring cannot always rewind: once a position has been overwritten it is gone. ``KVCache``
 therefore tracks how many positions it holds and, via ``snapshot``/``restore``, lets the engine
@@ -32,11 +39,17 @@ class FullCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.arange(max_context, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        end = start + k.shape[1]
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
+    def slots_for(self, q_pos: torch.Tensor, start):
+        return self.k, self.v, q_pos                      # slot = position
+
+    def attend(self, q_pos: torch.Tensor, start):
+        if isinstance(start, torch.Tensor):               # graph decode: the whole buffer
+            return self.k, self.v, self.positions
+        end = start + q_pos.shape[0]
         return self.k[:, :end], self.v[:, :end], self.positions[:end]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        return _update(self, k, v, start)
 
     def rewind(self, n: int) -> None:
         """Positions >= n are overwritten before they are read again; nothing to do."""
@@ -54,32 +67,53 @@ class RingCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((window,), -1, dtype=torch.long, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        T, W = k.shape[1], self.window
-        new_pos = torch.arange(start, start + T, device=k.device)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slots_for(self, q_pos: torch.Tensor, start):
+        T, W = q_pos.shape[0], self.window
+        if T == 1:                                        # one token: straight into its slot
+            slot = q_pos % W
+            self.pos.index_copy_(0, slot, q_pos)
+            return self.k, self.v, slot
+        # Several tokens: the queries need the old ring and all new keys, so they go after a
+        # copy of the ring; ``attend`` then keeps the last W new ones in the ring.
+        B, _, K, dh = self.k.shape
+        keys = torch.cat((self.k, self.k.new_empty(B, T, K, dh)), dim=1)  # [B, W+T, K, dh]
+        values = torch.cat((self.v, self.v.new_empty(B, T, K, dh)), dim=1)
+        self._pending = (keys, values)
+        return keys, values, torch.arange(W, W + T, device=q_pos.device)
+
+    def attend(self, q_pos: torch.Tensor, start):
+        T, W = q_pos.shape[0], self.window
         if T == 1:
-            slot = start % W
-            self.k[:, slot] = k[:, 0]
-            self.v[:, slot] = v[:, 0]
-            self.pos[slot] = start
             return self.k, self.v, self.pos
-        # Several tokens: the queries need the old ring and all new keys, so attend over both,
-        # then keep the last W new ones in the ring.
-        keys = torch.cat((self.k, k), dim=1)
-        values = torch.cat((self.v, v), dim=1)
-        positions = torch.cat((self.pos, new_pos))
+        keys, values = self._pending
+        self._pending = None
+        positions = torch.cat((self.pos, q_pos))
         m = min(T, W)
-        slots = new_pos[-m:] % W
-        self.k[:, slots] = k[:, -m:]
-        self.v[:, slots] = v[:, -m:]
-        self.pos[slots] = new_pos[-m:]
+        slots = q_pos[-m:] % W
+        self.k[:, slots] = keys[:, W + T - m:]
+        self.v[:, slots] = values[:, W + T - m:]
+        self.pos[slots] = q_pos[-m:]
         return keys, values, positions
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        return _update(self, k, v, start)
 
     def rewind(self, n: int) -> None:
         self.pos.masked_fill_(self.pos >= n, -1)
 
     def reset(self) -> None:
         self.pos.fill_(-1)
+
+
+def _update(layer, k: torch.Tensor, v: torch.Tensor, start: int):
+    """Store already-rotated k, v [B, T, K, dh] at positions start.. and return what to attend."""
+    q_pos = torch.arange(start, start + k.shape[1], device=k.device)
+    k_buf, v_buf, slots = layer.slots_for(q_pos, start)
+    k_buf.index_copy_(1, slots, k)
+    v_buf.index_copy_(1, slots, v)
+    return layer.attend(q_pos, start)
 
 
 @dataclass

@@ -10,6 +10,11 @@ prompt (``RingSnapshot``, with the last logits), and resumes from the latest one
 tokens still share when the rings themselves cannot go back far enough. A chat turn, whose
 rendering drops the previous reply's analysis, resumes from the previous prompt's snapshot.
 Whatever path is taken, the result is exactly what a fresh engine computes.
+
+On CUDA with the Triton kernels (``ops.use_kernels``), decoding runs ``DecodeStep``: the token and
+its position sit in static device buffers, so each step is the same launches whatever the
+position, captured once in a CUDA graph and replayed per token (``cuda_graph=False`` runs the
+same step eagerly, which gives bit-identical tokens). Prefill and the CPU path run eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from .cache import RingSnapshot
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from . import ops
 from .errors import ContextFullError, GptossError
 from .model import Transformer
 
@@ -92,10 +98,67 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class DecodeStep:
+    """One decode step over static buffers, optionally replayed from a CUDA graph.
+
+    The token and its position live in device tensors (``tok`` [1, 1], ``pos`` 0-d), and the
+    forward pass takes ``pos`` as its start: full layers attend over their whole preallocated
+    buffer (causality hides the slots past ``pos``; the attention kernel skips them) and the
+    rings write through device-side slot indices. Nothing depends on the position on the host,
+    so the launches are identical at every step: one CUDA-graph replay per token (DESIGN.md 5:
+    at batch 1, launch overhead is the whole budget). The cache's buffers are updated in place
+    (reset, rewind, restore all copy), so the captured addresses stay valid.
+    """
+
+    def __init__(self, model: Transformer, cache, graph: bool):
+        self.model = model
+        self.cache = cache
+        self.use_graph = graph
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=model.device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None   # the graph's output buffer
+
+    def _run(self) -> torch.Tensor:
+        h = self.model.forward(self.tok, self.cache, self.pos)
+        return self.model.logits(h[0, -1])
+
+    def _capture(self) -> None:
+        # Warm up on a side stream first (kernels compile, the allocator settles). The warm-up
+        # does the real step at the current position; capturing records without running, and
+        # the first replay redoes the same writes, so the cache ends up the same.
+        side = torch.cuda.Stream(device=self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run()
+        self.graph = graph
+
+    def __call__(self, tok: int, pos: int) -> torch.Tensor:
+        """float32 logits [vocab] after ``tok`` at ``pos`` (the graph's buffer: use before the
+        next call)."""
+        self.tok.fill_(tok)
+        self.pos.fill_(pos)
+        self.cache.dirty = True
+        if not self.use_graph:
+            out = self._run()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.logits
+        self.cache.length = pos + 1
+        self.cache.dirty = False
+        return out
+
+
 class Engine:
     """One gpt-oss model, its KV cache, and the tokens that cache holds."""
 
-    def __init__(self, model: Transformer, folder: Path | None = None):
+    def __init__(self, model: Transformer, folder: Path | None = None, cuda_graph: bool = True):
         self.model = model
         self.config: ModelConfig = model.cfg
         self.folder = folder
@@ -107,12 +170,18 @@ class Engine:
         self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
         self.last_stats = GenerationStats()
         self._tokenizer = None
+        # static decode step: CUDA with the kernels (the reference MoE syncs with the host)
+        static = self.device.type == "cuda" and ops.use_kernels(self.device)
+        self._decoder = DecodeStep(model, self.cache, graph=cuda_graph) if static else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
-             max_context: int = 8192) -> "Engine":
-        """Load a checkpoint folder, a hub id in the local HF cache, or a named local model."""
+             max_context: int = 8192, cuda_graph: bool = True) -> "Engine":
+        """Load a checkpoint folder, a hub id in the local HF cache, or a named local model.
+
+        ``cuda_graph``: on CUDA with the Triton kernels, replay the decode step from a CUDA graph
+        (False: run the same step eagerly); ignored elsewhere."""
         from .resolve import resolve_model
 
         dev = pick_device(device)
@@ -120,11 +189,11 @@ class Engine:
         ckpt = Checkpoint.open(resolve_model(model))
         ctx = _check_context(max_context, ckpt.config)
         tensors = ckpt.load(dev, dt)
-        return cls(Transformer(ckpt.config, tensors, ctx), folder=ckpt.folder)
+        return cls(Transformer(ckpt.config, tensors, ctx), folder=ckpt.folder, cuda_graph=cuda_graph)
 
     @classmethod
     def random(cls, cfg: ModelConfig, device: str = "auto", dtype: str | torch.dtype = "auto",
-               max_context: int = 8192, seed: int = 0) -> "Engine":
+               max_context: int = 8192, seed: int = 0, cuda_graph: bool = True) -> "Engine":
         """Random MXFP4 weights in ``cfg``'s shapes, drawn straight on the device (benchmarks)."""
         from .synthetic import random_tensors
 
@@ -132,7 +201,7 @@ class Engine:
         dt = pick_dtype(dtype, dev)
         cfg = cfg.replace(random_weights=True)
         tensors = random_tensors(cfg, device=dev, dtype=dt, seed=seed)
-        return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)))
+        return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)), cuda_graph=cuda_graph)
 
     @property
     def tokenizer(self):
@@ -144,15 +213,18 @@ class Engine:
         return self._tokenizer
 
     def runtime_info(self) -> dict:
-        """What runs: device, dtype, the op implementations, CUDA graph on/off, versions."""
+        """What runs: device, dtype, the op implementations (``ops``: triton or
+        pytorch-reference; ``kernels``: the Triton kernels' names), CUDA graph on/off, versions."""
         import platform
 
+        kernels = ops.kernel_names(self.device)
         info = {
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "ops": "pytorch-reference",
-            "cuda_graph": False,
+            "ops": "triton" if kernels else "pytorch-reference",
+            "kernels": kernels,
+            "cuda_graph": self._decoder is not None and self._decoder.use_graph,
             "torch": torch.__version__,
             "random_weights": self.config.random_weights,
         }
@@ -300,9 +372,12 @@ class Engine:
         self.snapshots = kept[-MAX_SNAPSHOTS:]
 
     def _step(self, tok: int, pos: int) -> torch.Tensor:
-        h = self.model.forward(self._tensor([tok]), self.cache, pos)
+        if self._decoder is not None:
+            logits = self._decoder(tok, pos)
+        else:
+            logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
         self.cached_tokens.append(tok)
-        return self.model.logits(h[0, -1])
+        return logits
 
 
 def _check_context(max_context: int, cfg: ModelConfig) -> int:

@@ -87,49 +87,57 @@ class Transformer:
         ]
         return sum(t.numel() * t.element_size() for t in seen)
 
-    def attention(self, b: Block, x: torch.Tensor, layer, start: int) -> torch.Tensor:
+    def attention(self, b: Block, h: torch.Tensor, layer, q_pos: torch.Tensor, start) -> torch.Tensor:
+        """Attention sublayer on normed ``h`` [B, T, D] at positions ``q_pos`` [T]."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        qkv = F.linear(ops.rmsnorm(x, b.attn_norm, cfg.rms_norm_eps), b.qkv_w, b.qkv_b)
+        B, T, _ = h.shape
+        qkv = F.linear(h, b.qkv_w, b.qkv_b)
         q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
         k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
         v = v.view(B, T, cfg.n_kv_heads, cfg.d_head)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        keys, values, k_pos = layer.update(k, v, start)
-        q_pos = torch.arange(start, start + T, device=x.device)
+        k_buf, v_buf, slots = layer.slots_for(q_pos, start)
+        q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots)
+        keys, values, k_pos = layer.attend(q_pos, start)
         o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale)
         return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
 
-    def mlp(self, b: Block, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, b: Block, h: torch.Tensor) -> torch.Tensor:
+        """MoE sublayer on normed ``h`` [B, T, D]."""
         cfg = self.cfg
-        h = ops.rmsnorm(x, b.mlp_norm, cfg.rms_norm_eps)
         y = ops.moe(
             h.reshape(-1, cfg.d_model), b.router_w, b.router_b, b.w1_blocks, b.w1_scales,
             b.w1_bias, b.w2_blocks, b.w2_scales, b.w2_bias, cfg.n_experts_per_token,
             cfg.swiglu_limit,
         )
-        return y.view(x.shape)
+        return y.view(h.shape)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start) -> torch.Tensor:
         """tokens [B, T] at positions start .. start+T-1 -> final hidden states [B, T, D].
 
         Writes the tokens' keys and values into ``cache``; positions before ``start`` must be
-        there already.
+        there already. ``start`` is an int, or a 0-d device tensor for the CUDA-graph decode
+        step (then the caller checks the context and keeps ``cache.length``).
         """
         T = tokens.shape[1]
-        if start + T > self.max_context:
+        static = isinstance(start, torch.Tensor)
+        if not static and start + T > self.max_context:
             raise ValueError(f"positions up to {start + T} exceed the context of {self.max_context}")
         cache.dirty = True
+        eps = self.cfg.rms_norm_eps
+        q_pos = torch.arange(T, device=tokens.device) + start               # [T]
         x = self.embedding[tokens]                                           # [B, T, D]
-        for b, layer in zip(self.blocks, cache.layers):
-            x = x + self.attention(b, x, layer, start)
-            x = x + self.mlp(b, x)
-        cache.length = start + T
+        h = ops.rmsnorm(x, self.blocks[0].attn_norm, eps)
+        # pre-norm blocks, each residual add fused with the norm that follows it
+        next_norms = [b.attn_norm for b in self.blocks[1:]] + [self.norm]
+        for b, layer, next_norm in zip(self.blocks, cache.layers, next_norms):
+            x, h = ops.add_rmsnorm(x, self.attention(b, h, layer, q_pos, start), b.mlp_norm, eps)
+            x, h = ops.add_rmsnorm(x, self.mlp(b, h), next_norm, eps)
+        if not static:
+            cache.length = start + T
         cache.dirty = False
-        return ops.rmsnorm(x, self.norm, self.cfg.rms_norm_eps)
+        return h
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,18 @@
-"""The model's operations, one function each, in plain PyTorch.
+"""The model's operations, one function each, in plain PyTorch, and the switch to Triton.
 
-These are the references: the forward pass (``model.py``) calls only these functions, and the
-Triton kernels of ``gptoss_kernels`` slot in underneath with the same signatures on CUDA. Norms,
-softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
+The bodies here are the references: the forward pass (``model.py``) calls only these functions.
+Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` instead when
+``use_kernels`` says so for its first tensor's device (the one place that decides):
+
+- ``GPTOSS_KERNELS`` unset or ``auto``: kernels on CUDA tensors when triton imports, else the
+  reference;
+- ``GPTOSS_KERNELS=0``: always the reference (A/B on a GPU);
+- ``GPTOSS_KERNELS=1``: always the kernels, on CPU too (only useful under ``TRITON_INTERPRET=1``:
+  the tests run the whole engine that way).
+
+There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
+plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
+Norms, softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
 
 Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh, ``n_experts`` E,
 ``d_model`` D, ``d_ff`` F.
@@ -10,10 +20,70 @@ Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh,
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+KERNELS_ENV = "GPTOSS_KERNELS"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(device: torch.device) -> bool:
+    """Whether ops on tensors of ``device`` run the Triton kernels (see the module docstring)."""
+    mode = os.environ.get(KERNELS_ENV, "auto")
+    if mode == "0":
+        return False
+    if mode == "1":
+        return True           # forced: an ImportError of triton surfaces at the first call
+    if mode != "auto":
+        raise ValueError(f"{KERNELS_ENV}={mode!r}: use auto, 0 or 1")
+    return device.type == "cuda" and triton_available()
+
+
+# op name -> (gptoss_kernels module, Triton kernel names), for runtime_info and benchmarks
+KERNEL_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def _kernel_op(module: str, kernels: tuple[str, ...]):
+    """Run ``gptoss_kernels.<module>.<op name>`` instead of the decorated reference when
+    ``use_kernels`` holds for the first argument's device."""
+
+    def deco(ref):
+        impl = []
+
+        @functools.wraps(ref)
+        def op(*args, **kwargs):
+            if use_kernels(args[0].device):
+                if not impl:
+                    impl.append(getattr(importlib.import_module(f"gptoss_kernels.{module}"), ref.__name__))
+                return impl[0](*args, **kwargs)
+            return ref(*args, **kwargs)
+
+        op.reference = ref
+        KERNEL_TABLE[ref.__name__] = (module, kernels)
+        return op
+
+    return deco
+
+
+def kernel_names(device: torch.device) -> list[str]:
+    """The Triton kernels the ops run on ``device`` ([] on the reference path)."""
+    if not use_kernels(device):
+        return []
+    return sorted({k for _, names in KERNEL_TABLE.values() for k in names})
+
 
 # FP4 E2M1 code -> value (OCP Microscaling spec, table 5); the high bit is the sign.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -42,11 +112,19 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return vals.flatten(-2).to(dtype)                                        # [..., G*32]
 
 
+@_kernel_op("norm", ("_rmsnorm_kernel",))
 def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32; ``scale`` is float32 [D]; returns x's dtype."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * scale).to(x.dtype)
+
+
+@_kernel_op("norm", ("_rmsnorm_kernel",))
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float):
+    """The pre-norm residual step: ``x + delta`` (in x's dtype) and its RMSNorm."""
+    x = x + delta
+    return x, rmsnorm.reference(x, scale, eps)
 
 
 def rope_table(
@@ -86,6 +164,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
+@_kernel_op("rope", ("_rope_store_kernel",))
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE on q and k at positions ``pos`` [T] (rows of the full cos/sin tables), with the rotated
+    k and v stored in the cache: ``k_cache[:, slots[t]] = rope(k[:, t])``, same for v unrotated.
+    q [B, T, H, dh]; k, v [B, T, K, dh]; k_cache, v_cache [B, S, K, dh]. Returns rotated q."""
+    c, s = cos[pos], sin[pos]                                                # [T, dh/2]
+    k_cache.index_copy_(1, slots, apply_rope(k, c, s))
+    v_cache.index_copy_(1, slots, v)
+    return apply_rope(q, c, s)
+
+
+@_kernel_op("attention", ("_attn_fwd", "_attn_combine"))
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
@@ -129,6 +222,7 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
+@_kernel_op("moe", ("_route_kernel",))
 def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
     """Router: top-k of the logits, softmax over those k only. x [N, D] -> (weights [N, k] float32,
     experts [N, k] int64)."""
@@ -137,6 +231,7 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     return torch.softmax(top.float(), dim=-1), experts
 
 
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"))
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
@@ -148,7 +243,7 @@ def moe(
     Each expert in use is dequantized on its own (never all of them): W1 [2F, D] with the
     clamped SwiGLU after it, then W2 [D, F]; outputs are summed with the router weights.
     """
-    weights, experts = route(x, router_w, router_b, top_k)
+    weights, experts = route.reference(x, router_w, router_b, top_k)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():
         tok, slot = torch.nonzero(experts == e, as_tuple=True)

@@ -1,5 +1,15 @@
 """Triton kernels for the gpt-oss runtime (import name ``gptoss_kernels``).
 
-Each kernel sits beside a plain-PyTorch reference with the same signature; ``gptoss_cli.ops``
-picks the kernel on CUDA and the reference elsewhere.
+Each module holds the kernels of one op family, a public function per op with the signature of
+its PyTorch reference in ``gptoss_cli.ops``, and that reference as ``<op>_torch``:
+
+- ``norm``: RMSNorm, and the residual add fused with it (``add_rmsnorm``);
+- ``rope``: RoPE on q and k fused with the write of k, v into the KV cache (``rope_store``);
+- ``attention``: causal GQA flash attention with sinks and a sliding window, split-K for decode;
+- ``moe``: router top-k, MXFP4 expert GEMVs (decode) and grouped GEMMs (prefill), dequantising
+  in registers.
+
+``gptoss_cli.ops`` picks the kernel on CUDA and the reference elsewhere (``GPTOSS_KERNELS``
+overrides). Triton is imported here at module import: import these modules only where triton is
+installed (``ops`` does so lazily, at the first kernel call).
 """

@@ -1,0 +1,203 @@
+"""Causal GQA attention with learned sinks and a sliding window, for prefill and decode.
+
+The algorithm is FlashAttention-2 (Dao 2023, arXiv:2307.08691): keys are visited in blocks with
+an online softmax (running max ``m``, running sum ``l``), so the [T, S] score matrix is never
+stored. gpt-oss adds two things (the layout follows openai/gpt-oss ``triton/attention.py``):
+
+- a learned sink logit per query head joins each row's softmax and contributes no value. The
+  running max starts at the sink, which also keeps fully-masked rows finite; the sink's mass
+  ``exp(sink - m)`` is added to ``l`` once, at the end;
+- a sliding window (query at p sees p-window+1 .. p) on every other layer.
+
+Which keys a query may see is decided from position arrays, exactly as in the reference
+(``gptoss_cli.ops.attention``): ``q_pos`` [T] and ``k_pos`` [S] (``k_pos < 0``: an empty slot).
+So one kernel serves a full cache (``k_pos`` = slot index), the ring buffer of a windowed layer
+(``k_pos`` = what each slot holds), a prompt that extends a cached prefix (``q_pos`` starts at an
+offset), and the CUDA-graph decode step (the whole preallocated cache; causality masks what lies
+beyond the current position). Key blocks with no visible key are skipped.
+
+GQA: one program owns the ``G = H/K`` query heads that share a kv head, laid out as rows
+``t*G + g`` of one tile, so each key block is loaded once for all of them (at decode: 8 heads of
+1 token fill one tile).
+
+Decode (few rows, long cache): the keys are split into chunks, one program per chunk (split-K,
+"flash-decoding"), each leaving a partial (m, l, acc); ``_attn_combine`` merges them and adds
+the sink. Prefill uses a single split and normalises in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_cli import ops
+
+LOG2E = 1.4426950408889634  # log2(e): host side only; kernels inline the literal
+DECODE_SPLIT_KEYS = 256      # keys per split-K program when few query rows face many keys
+DECODE_MAX_ROWS = 64         # T*G up to this: the decode layout (split-K)
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Sinks, QPos, KPos, Out, MPart, LPart, AccPart,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, S, H, n_kv_heads, window, qk_scale, split_len,
+    G: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bk = tl.program_id(1)                  # batch * n_kv_heads + kv head
+    pid_s = tl.program_id(2)                   # split of the keys
+    b = pid_bk // n_kv_heads
+    kh = pid_bk % n_kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # row = t * G + g
+    t = rows // G
+    h = kh * G + rows % G
+    row_ok = t < T
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D_HEAD
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + t[:, None].to(tl.int64) * stride_qt
+              + h[:, None] * stride_qh + d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    qp = tl.load(QPos + t, mask=row_ok, other=-1)           # -1: a padding row sees nothing
+    sink = tl.load(Sinks + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    # running max starts at the sink (log2 domain): finite even for rows with no visible key
+    m_i = sink
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    qp_max = tl.max(qp, axis=0)
+    qp_min = tl.min(tl.where(row_ok, qp, qp_max), axis=0)
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, S)
+    k_base = K + b.to(tl.int64) * stride_kb + kh * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kh * stride_vh
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        kp = tl.load(KPos + n, mask=n < hi, other=-1)
+        # cheap block test on positions first: any key in [qp_min - window + 1, qp_max]?
+        kp_lo = tl.min(tl.where(kp >= 0, kp, qp_max + 1), axis=0)
+        kp_hi = tl.max(kp, axis=0)
+        visible = (kp_hi >= 0) & (kp_lo <= qp_max)
+        if window > 0:
+            visible = visible & (kp_hi > qp_min - window)
+        if visible:
+            allowed = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+            if window > 0:
+                allowed = allowed & (kp[None, :] > qp[:, None] - window)
+            kv_mask = (n[:, None] < hi) & d_ok[None, :]
+            k = tl.load(k_base + n[:, None].to(tl.int64) * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(allowed, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    if SPLIT:
+        # partials [n_splits, B, T, H] (+ [dh]); the sink is added once, in _attn_combine
+        part = ((pid_s * (tl.num_programs(1) // n_kv_heads) + b) * T + t).to(tl.int64) * H + h
+        tl.store(MPart + part, m_i, mask=row_ok)
+        tl.store(LPart + part, l_i, mask=row_ok)
+        tl.store(AccPart + part[:, None] * D_HEAD + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        l_i = l_i + tl.math.exp2(sink - m_i)
+        o = acc / l_i[:, None]
+        o_ptrs = (Out + b.to(tl.int64) * stride_ob + t[:, None].to(tl.int64) * stride_ot
+                  + h[:, None] * stride_oh + d[None, :])
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_combine(
+    MPart, LPart, AccPart, Sinks, Out,
+    n_splits, n_rows, H,
+    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Merge the split-K partials of one (batch, token, head) row and add its sink."""
+    row = tl.program_id(0)                   # (b * T + t) * H + h
+    h = row % H
+    sp = tl.arange(0, BLOCK_SPLITS)
+    sp_ok = sp < n_splits
+    idx = sp.to(tl.int64) * n_rows + row
+    m = tl.load(MPart + idx, mask=sp_ok, other=float("-inf"))
+    l_s = tl.load(LPart + idx, mask=sp_ok, other=0.0)
+    sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
+    m_all = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.math.exp2(m - m_all)                                   # 0 for the padding splits
+    l_all = tl.sum(l_s * w, axis=0) + tl.math.exp2(sink - m_all)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(AccPart + idx[:, None] * D_HEAD + d[None, :],
+                  mask=sp_ok[:, None] & (d[None, :] < D_HEAD), other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / l_all
+    tl.store(Out + row.to(tl.int64) * D_HEAD + d, o.to(Out.dtype.element_ty), mask=d < D_HEAD)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
+) -> torch.Tensor:
+    """Same contract as ``gptoss_cli.ops.attention``: q [B, T, H, dh]; k, v [B, S, K, dh] (any
+    strides with a unit last dimension); sinks [H] float32; q_pos [T], k_pos [S] int. Returns
+    [B, T, H, dh] in q's dtype."""
+    B, T, H, dh = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "unit stride along dh"
+    out = torch.empty(B, T, H, dh, dtype=q.dtype, device=q.device)
+    rows = T * G
+    # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
+    big = 32 if q.dtype == torch.float32 else 64
+    if rows <= DECODE_MAX_ROWS:
+        block_m = max(16, triton.next_power_of_2(rows))
+        n_splits = max(1, triton.cdiv(S, DECODE_SPLIT_KEYS))
+    else:
+        block_m, n_splits = big, 1
+    split_len = triton.cdiv(S, n_splits) if S else 0
+    block_n = big if S >= big else max(16, triton.next_power_of_2(S))
+    split_len = triton.cdiv(split_len, block_n) * block_n
+    n_splits = max(1, triton.cdiv(S, split_len)) if S else 1
+    if n_splits > 1:
+        m_part = torch.empty(n_splits, B, T, H, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(n_splits, B, T, H, dh, dtype=torch.float32, device=q.device)
+    else:
+        m_part = l_part = acc_part = out       # unused
+    grid = (triton.cdiv(rows, block_m), B * K, n_splits)
+    _attn_fwd[grid](
+        q, k, v, sinks, q_pos, k_pos, out, m_part, l_part, acc_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        T, S, H, K, window, scale * LOG2E, split_len,
+        G=G, D_HEAD=dh, BLOCK_D=triton.next_power_of_2(dh), BLOCK_M=block_m, BLOCK_N=block_n,
+        SPLIT=n_splits > 1, IEEE=q.dtype == torch.float32,
+    )
+    if n_splits > 1:
+        _attn_combine[(B * T * H,)](
+            m_part, l_part, acc_part, sinks, out, n_splits, B * T * H, H,
+            D_HEAD=dh, BLOCK_D=triton.next_power_of_2(dh),
+            BLOCK_SPLITS=triton.next_power_of_2(n_splits),
+        )
+    return out
+
+
+attention_torch = ops.attention.reference

@@ -1,0 +1,95 @@
+"""RoPE (Su et al. 2021, arXiv:2104.09864) on q and k, fused with the write of k and v into the
+KV cache.
+
+gpt-oss rotates the two halves of each head (not interleaved pairs) with YaRN-scaled cos/sin
+tables (``gptoss_cli.ops.rope_table``). After the qkv projection every token's q is rotated for
+attention, and its k is rotated and stored in the cache together with v. One program per token
+reads that token's cos/sin row by its position (a device tensor, so the same launch serves the
+CUDA-graph decode step at any position), rotates all its q and k heads in float32, and stores
+q for attention and k, v straight into their cache slots: the rotated k never makes a round trip
+through memory before it reaches the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_cli import ops
+
+
+@triton.jit
+def _rope_store_kernel(
+    Q, K, V, Cos, Sin, Pos, Slots, QOut, KCache, VCache,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch,
+    stride_db, stride_ds, stride_dh,
+    T, n_heads, n_kv_heads,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    pos = tl.load(Pos + t).to(tl.int64)
+    c = tl.load(Cos + pos * HALF + i, mask=i_ok, other=0.0)[None, :]
+    s = tl.load(Sin + pos * HALF + i, mask=i_ok, other=0.0)[None, :]
+    hh = tl.arange(0, BLOCK_H)
+
+    # q: [n_heads, dh] of this token -> QOut
+    m = (hh[:, None] < n_heads) & i_ok[None, :]
+    src = Q + b * stride_qb + t * stride_qt + hh[:, None] * stride_qh + i[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = QOut + b * stride_ob + t * stride_ot + hh[:, None] * stride_oh + i[None, :]
+    tl.store(dst, (x1 * c - x2 * s).to(QOut.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, (x2 * c + x1 * s).to(QOut.dtype.element_ty), mask=m)
+
+    # k (rotated) and v (as is): [n_kv_heads, dh] -> cache slot
+    slot = tl.load(Slots + t).to(tl.int64)
+    m = (hh[:, None] < n_kv_heads) & i_ok[None, :]
+    src = K + b * stride_kb + t * stride_kt + hh[:, None] * stride_kh + i[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = KCache + b * stride_cb + slot * stride_cs + hh[:, None] * stride_ch + i[None, :]
+    tl.store(dst, (x1 * c - x2 * s).to(KCache.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, (x2 * c + x1 * s).to(KCache.dtype.element_ty), mask=m)
+    src = V + b * stride_vb + t * stride_vt + hh[:, None] * stride_vh + i[None, :]
+    dst = VCache + b * stride_db + slot * stride_ds + hh[:, None] * stride_dh + i[None, :]
+    tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
+    tl.store(dst + HALF, tl.load(src + HALF, mask=m, other=0.0), mask=m)
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as ``gptoss_cli.ops.rope_store``: q [B, T, H, dh], k, v [B, T, K, dh] (views
+    into the qkv projection are fine); cos/sin [n_positions, dh/2] float32; pos, slots [T];
+    k_cache, v_cache [B, S, K, dh]. Returns rotated q [B, T, H, dh]."""
+    B, T, H, dh = q.shape
+    K = k.shape[2]
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    out = torch.empty(B, T, H, dh, dtype=q.dtype, device=q.device)
+    if B * T:
+        _rope_store_kernel[(B * T,)](
+            q, k, v, cos.contiguous(), sin.contiguous(), pos, slots, out, k_cache, v_cache,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            T, H, K,
+            HALF=dh // 2, BLOCK_HALF=triton.next_power_of_2(dh // 2),
+            BLOCK_H=triton.next_power_of_2(max(H, K)),
+        )
+    return out
+
+
+rope_store_torch = ops.rope_store.reference

@@ -1,0 +1,149 @@
+"""Compile every Triton kernel for a real GPU target, without a GPU.
+
+The interpreter runs the kernels' semantics on the CPU but not Triton's compiler, which rejects
+things the interpreter accepts (Python globals, mistyped branches, unsupported ops) and decides
+shared memory and register use. This script swaps in a driver that reports a GPU target and
+launches nothing, then calls each public kernel function on CPU tensors in the shapes and dtypes
+the runtime uses (the gpt-oss-20b layer; decode and prefill): every launch compiles down to a
+cubin with Triton's bundled ptxas and stops there. Outputs are garbage and ignored.
+
+Run: ``python tests/kernels_compile_check.py [sm_90|sm_80] [--ptxas]`` (one JSON line per
+kernel specialisation: shared memory, and with ``--ptxas`` registers and spills from ``ptxas -v``).
+Needs TRITON_INTERPRET unset or 0; ``test_kernels_compile.py`` runs it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+ARCH = {"sm_90": 90, "sm_80": 80}
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}     # max dynamic shared memory per block
+
+
+class CompileOnlyDriver(CudaDriver):
+    """A CUDA driver that knows a target and nothing else (no libcuda needed)."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED: list = []
+
+
+def _compile_only(run):
+    def patched(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        COMPILED.append(kernel)
+        return kernel
+    return patched
+
+
+def _ptxas(kernel, arch: int) -> dict:
+    # Triton 3.9 emits PTX 9.x, which only its newer bundled ptxas (named -blackwell) reads
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"))
+                 if os.path.exists(p))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spill.group(1)) if spill else None}
+
+
+def exercise(dtype: torch.dtype) -> None:
+    """Call every kernel the way the 20b model does, in ``dtype``."""
+    from gptoss_kernels import attention, moe, norm, rope
+
+    from gptoss_cli import ops
+
+    D, F, E, H, K, dh, W, ctx = 2880, 2880, 32, 64, 8, 64, 128, 4096
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    for T in (1, 300):                                  # decode, prefill
+        x = rnd(T, D)
+        norm.rmsnorm(x, rnd(D, dt=torch.float32), 1e-5)
+        norm.add_rmsnorm(x, rnd(T, D), rnd(D, dt=torch.float32), 1e-5)
+        qkv = rnd(1, T, (H + 2 * K) * dh)
+        q, k, v = qkv.split((H * dh, K * dh, K * dh), dim=-1)
+        q, k, v = q.view(1, T, H, dh), k.view(1, T, K, dh), v.view(1, T, K, dh)
+        cos, sin = ops.rope_table(ctx, dh, 150000.0, 32.0, 4096, 1.0, 32.0, 1.35)
+        cache = rnd(1, ctx, K, dh)
+        pos = torch.arange(T) + 7
+        rope.rope_store(q, k, v, cos, sin, pos, cache, cache.clone(), pos)
+        sinks = rnd(H, dt=torch.float32)
+        for S, window in ((ctx, 0), (W + T, W), (W, W)):
+            attention.attention(q, cache[:, :S], cache[:, :S], sinks, pos, torch.arange(S), window, dh ** -0.5)
+        route = moe.route
+
+        def route_then_valid(x, *args):   # nothing ran: give the expert kernels valid indices
+            route(x, *args)
+            return torch.rand(x.shape[0], 4).softmax(-1), torch.randperm(E)[:4].repeat(x.shape[0], 1)
+
+        moe.route = route_then_valid
+        blocks = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8)  # noqa: E731
+        moe.moe(x, rnd(E, D), rnd(E), blocks(E, 2 * F, D // 32, 16), blocks(E, 2 * F, D // 32),
+                rnd(E, 2 * F), blocks(E, D, F // 32, 16), blocks(E, D, F // 32), rnd(E, D), 4, 7.0)
+        moe.route = route
+
+
+def main(argv: list[str]) -> int:
+    arch = ARCH[next((a for a in argv if a.startswith("sm_")), "sm_90")]
+    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+    JITFunction.run = _compile_only(JITFunction.run)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        exercise(dtype)
+    seen, bad = set(), 0
+    for kern in COMPILED:
+        if kern.hash in seen:
+            continue
+        seen.add(kern.hash)
+        names = list(kern.src.signature)
+        consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in kern.src.constants.items()}
+        row = {"kernel": kern.name, "arch": f"sm_{arch}",
+               "dtype": next(t for t in kern.src.signature.values() if t.startswith("*")).lstrip("*"),
+               "constexprs": {k: v for k, v in consts.items() if isinstance(k, str) and k.isupper()},
+               "shared_bytes": kern.metadata.shared, "num_warps": kern.metadata.num_warps}
+        if "--ptxas" in argv:
+            row |= _ptxas(kern, arch)
+        if kern.metadata.shared > SMEM_LIMIT[arch]:
+            row["error"] = "shared memory over the limit"
+            bad += 1
+        print(json.dumps(row))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
