@@ -44,8 +44,11 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
 
     try:
         path = snapshot_download(repo, revision=revision, local_files_only=True)
-    except Exception:  # LocalEntryNotFoundError, a malformed id, a broken cache: not found
-        return None
+    except Exception as e:  # LocalEntryNotFoundError, a malformed id, a broken cache: not found
+        # A one-layout download is "incomplete" to the hub client when it cached the repo's
+        # whole file listing; the checkpoint reader decides whether what is there loads.
+        partial = getattr(e, "snapshot_path", None)
+        return Path(partial) if partial and Path(partial).is_dir() else None
     return Path(path)
 
 
