@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from .chat_session import ChatSession, Settings, Turn
-from .chat_view import ReplyView, human_bytes, stats_line
+from .chat_view import ReplyView, stats_line
 from .errors import ContextFullError, GptossError, ModelNotFoundError
 from .harmony import EFFORTS, Conversation
 
@@ -130,26 +130,11 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
 
 
 def offer_download(model: str, yes: bool, err: Console) -> Path:
-    """Like ``ollama run``: show what the download is, ask, fetch, go on."""
+    """Like ``ollama run``: show what the download is (files, size, free space), ask, fetch, go on.
+    Offline, or without a terminal and without --yes, that is one error line saying what to do."""
     from . import download
 
-    try:
-        files = download.plan(model)
-    except GptossError as e:
-        raise ModelNotFoundError(
-            f"model {model} is not on this machine, and it cannot be downloaded now: {e.message}",
-            f"run `gptoss download {model}` when the hub is reachable, or pass --model FOLDER",
-        ) from None
-    size = sum(f.size for f in files)
-    err.print(f"{escape(model)} is not on this machine. Downloading it takes {human_bytes(size)} ({len(files)} files).")
-    if not yes:
-        if not sys.stdin.isatty():
-            raise ModelNotFoundError(f"model {model} is not downloaded", f"run `gptoss download {model}`, or pass --yes to download it here")
-        from rich.prompt import Confirm
-
-        if not Confirm.ask("Download it now?", console=err, default=True):
-            raise ModelNotFoundError(f"model {model} is not downloaded", f"run `gptoss download {model}` when you are ready")
-    return download.pull(model, assume_yes=True, console=err)
+    return download.pull(model, assume_yes=yes, console=err)
 
 
 def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, err: Console) -> None:

@@ -24,7 +24,7 @@ from .engine import Engine, memory_stats
 from .errors import ContextFullError, GptossError
 from .harmony import (
     EFFORTS, STOP_TOKEN_IDS, Conversation, Malformed, Message, MessageEnd, MessageStart, StreamParser,
-    TextDelta, history_after_reply, render_completion, render_conversation,
+    history_after_reply, render_completion, render_conversation,
 )
 
 TRANSCRIPT_VERSION = 1

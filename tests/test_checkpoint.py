@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from gptoss_cli.checkpoint import Checkpoint
@@ -156,3 +155,16 @@ def test_load_peak_memory_is_about_the_file_size(tmp_path):
     base, peak, model_bytes = map(int, out.stdout.split())
     assert model_bytes == pytest.approx(size, rel=0.05)
     assert peak - base < 1.6 * size, (peak - base) / size
+
+
+def test_one_layout_snapshot_the_hub_client_calls_incomplete_is_found(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    from gptoss_cli import resolve
+
+    def incomplete(*args, **kwargs):
+        raise IncompleteSnapshotError("original/ missing", snapshot_path=str(tmp_path))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    assert resolve.cached_snapshot("openai/gpt-oss-20b") == tmp_path
