@@ -25,7 +25,9 @@ settings is never overwritten. Its fields:
   reasoning, answer, tool_calls, raw (text that was not well-formed Harmony), stop_reason,
   grade {correct, extracted, expected, reason} (null for perplexity), tokens {prompt, reasoning,
   answer, generated; perplexity: text, scored}, nll (perplexity only), seconds.
-- ``gate``: fail_under, max_perplexity, passed, failures (one line each).
+- ``gate``: fail_under, max_perplexity, passed, failures (one line each; ``["incomplete"]`` while
+  samples are missing). Gate options are not settings: rerunning a finished report with another
+  ``--fail-under`` runs nothing and only re-gates it.
 
 Gating: ``--fail-under`` applies to every graded suite x effort accuracy; perplexity suites are
 not gated by it, but by ``--max-perplexity``. Either failing exits with status 1.
@@ -325,7 +327,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
         output: Path | None, fail_under: str | None, temperature: float, max_tokens: int, context: int,
         device: str, dtype: str, max_perplexity: float | None = None, ppl_window: int | None = None,
         ppl_stride: int | None = None, list_: bool = False, yes: bool = False) -> None:
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
     if list_:
         return list_suites(out)
     if not suites:
@@ -358,13 +360,15 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
     engine = load_engine(model, device, dtype, context, yes, err)
     plan = _plan(loaded, efforts, samples, seed)
     if done:
-        err.print(f"resuming {output}: {sum(k in done for k, _ in plan)} of {len(plan)} samples already there")
+        err.print(f"resuming {escape(str(output))}: {sum(k in done for k, _ in plan)} of {len(plan)} samples already there")
+
+    runtime = engine.runtime_info()
 
     def report() -> dict:
         ordered = [done[k] for k, _ in plan if k in done]
         scores = compute_scores(loaded, efforts, ordered)
         failures = gate(scores, threshold, max_perplexity) if len(ordered) == len(plan) else ["incomplete"]
-        return {"version": REPORT_VERSION, "settings": settings, "runtime": engine.runtime_info(),
+        return {"version": REPORT_VERSION, "settings": settings, "runtime": runtime,
                 "random_weights": bool(engine.config.random_weights), "scores": scores, "samples": ordered,
                 "gate": {"fail_under": threshold, "max_perplexity": max_perplexity,
                          "passed": not failures, "failures": failures}}
