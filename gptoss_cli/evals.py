@@ -22,7 +22,8 @@ settings is never overwritten. Its fields:
   null): ``perplexity`` = exp(mean NLL of the scored tokens), ``nll``, ``n_tokens`` (tokens of
   text), ``scored_tokens``, ``window``, ``stride``, ``tokens_per_s``.
 - ``samples``: every sample: suite, effort, id, sample (index), seed, prompt (the user message),
-  reasoning, answer, tool_calls, raw (text that was not well-formed Harmony), stop_reason,
+  reasoning, answer, tool_calls, raw (text that was not well-formed Harmony), malformed (the
+  parser's complaints), stop_reason,
   grade {correct, extracted, expected, reason} (null for perplexity), tokens {prompt, reasoning,
   answer, generated; perplexity: text, scored}, nll (perplexity only), seconds.
 - ``gate``: fail_under, max_perplexity, passed, failures (one line each; ``["incomplete"]`` while
@@ -48,7 +49,7 @@ from rich.table import Table
 
 from .errors import ContextFullError, GptossError
 from .graders import Reply, grade
-from .harmony import EFFORTS
+from .harmony import EFFORTS, Malformed
 from .suites import Problem, Suite, load_suite, read_text, specs
 
 REPORT_VERSION = 1
@@ -69,7 +70,7 @@ _SCORE_PPL = {
     "type": "object",
     "required": ["suite", "effort", "kind", "n", "perplexity", "nll", "n_tokens", "scored_tokens", "window", "stride"],
     "properties": {"suite": {"type": "string"}, "effort": {"type": "null"}, "kind": {"const": "perplexity"},
-                   "n": {"type": "integer"}, "perplexity": _NUM, "nll": _NUM, "n_tokens": {"type": "integer"},
+                   "n": {"type": "integer"}, "perplexity": _NUM_OR_NULL, "nll": _NUM, "n_tokens": {"type": "integer"},
                    "scored_tokens": {"type": "integer"}, "window": {"type": "integer"},
                    "stride": {"type": "integer"}, "tokens_per_s": _NUM_OR_NULL},
 }
@@ -100,13 +101,14 @@ REPORT_SCHEMA = {
         "samples": {"type": "array", "items": {
             "type": "object",
             "required": ["suite", "effort", "id", "sample", "seed", "prompt", "reasoning", "answer",
-                         "tool_calls", "raw", "stop_reason", "grade", "tokens", "seconds"],
+                         "tool_calls", "raw", "malformed", "stop_reason", "grade", "tokens", "seconds"],
             "properties": {
                 "suite": {"type": "string"}, "effort": {"enum": [*EFFORTS, None]},
                 "id": {"type": "string"}, "sample": {"type": "integer"}, "seed": {"type": "integer"},
                 "prompt": {"type": "string"}, "reasoning": {"type": "string"}, "answer": {"type": "string"},
                 "tool_calls": {"type": "array", "items": {"type": "object", "required": ["recipient", "arguments"]}},
-                "raw": {"type": "string"}, "stop_reason": {"type": "string"},
+                "raw": {"type": "string"}, "malformed": {"type": "array", "items": {"type": "string"}},
+                "stop_reason": {"type": "string"},
                 "grade": {"oneOf": [{"type": "null"}, {
                     "type": "object", "required": ["correct", "extracted", "expected", "reason"],
                     "properties": {"correct": {"type": "boolean"}, "reason": {"type": "string"}}}]},
@@ -204,8 +206,8 @@ def run_perplexity_file(engine, suite: Suite, text_id: str, path: Path, window: 
     nll, scored = perplexity_nll(engine, tokens, window, stride) if len(tokens) >= 2 else (0.0, 0)
     return {
         "suite": suite.name, "effort": None, "id": text_id, "sample": 0, "seed": 0,
-        "prompt": text_id if suite.source == "built in" else str(path), "reasoning": "", "answer": "", "tool_calls": [], "raw": "",
-        "stop_reason": "", "grade": None, "nll": nll,
+        "prompt": text_id if suite.source == "built in" else str(path), "reasoning": "", "answer": "",
+        "tool_calls": [], "raw": "", "malformed": [], "stop_reason": "", "grade": None, "nll": nll,
         "tokens": {"text": len(tokens), "scored": scored},
         "seconds": round(time.perf_counter() - t0, 4),
     }
@@ -225,19 +227,26 @@ def run_sample(engine, suite: Suite, problem: Problem, effort: str, index: int, 
     session = ChatSession(engine, conv, Settings(temperature=temperature, max_tokens=max_tokens, seed=seed))
     record = {"suite": suite.name, "effort": effort, "id": problem.id, "sample": index, "seed": seed,
               "prompt": problem.prompt}
+    malformed: list[str] = []
+
+    def on_event(event):
+        if isinstance(event, Malformed):
+            malformed.append(event.reason)
+
     try:
-        turn = session.respond(problem.prompt)
+        turn = session.respond(problem.prompt, on_event=on_event)
     except ContextFullError as e:
-        return {**record, "reasoning": "", "answer": "", "tool_calls": [], "raw": "", "stop_reason": "context",
+        return {**record, "reasoning": "", "answer": "", "tool_calls": [], "raw": "", "malformed": [],
+                "stop_reason": "context",
                 "grade": {"correct": False, "extracted": None, "expected": problem.expected, "reason": e.message},
                 "tokens": {"prompt": 0, "reasoning": 0, "answer": 0, "generated": 0}, "seconds": 0.0}
     if turn.interrupted:
         raise KeyboardInterrupt
-    reply = Reply(turn.answer, turn.reasoning, turn.tool_calls, turn.raw, turn.stop_reason)
+    reply = Reply(turn.answer, turn.reasoning, turn.tool_calls, turn.raw, turn.stop_reason, malformed)
     st = turn.stats
     return {
         **record, "reasoning": reply.reasoning, "answer": reply.answer, "tool_calls": reply.tool_calls,
-        "raw": reply.raw, "stop_reason": reply.stop_reason,
+        "raw": reply.raw, "malformed": malformed, "stop_reason": reply.stop_reason,
         "grade": grade(problem.grader, reply, problem.expected, problem.options).to_dict(),
         "tokens": {"prompt": st["prompt_tokens"], "reasoning": st["reasoning_tokens"],
                    "answer": st["answer_tokens"], "generated": st["generated_tokens"]},
@@ -259,7 +268,7 @@ def compute_scores(suites: list[Suite], efforts: list[str], samples: list[dict])
             secs = sum(s["seconds"] for s in mine)
             scores.append({
                 "suite": suite.name, "effort": None, "kind": "perplexity", "n": len(mine),
-                "perplexity": math.exp(nll / scored) if scored else float("nan"), "nll": nll,
+                "perplexity": math.exp(nll / scored) if scored else None, "nll": nll,
                 "n_tokens": sum(s["tokens"]["text"] for s in mine), "scored_tokens": scored,
                 "window": suite.window, "stride": suite.stride,
                 "tokens_per_s": round(scored / secs, 2) if secs > 0 else None,
@@ -287,8 +296,11 @@ def gate(scores: list[dict], fail_under: float | None, max_perplexity: float | N
     for s in scores:
         if s["kind"] == "accuracy" and fail_under is not None and s["accuracy"] < fail_under:
             failures.append(f"{s['suite']}/{s['effort']} {s['accuracy']:.3f} < {fail_under:g}")
-        if s["kind"] == "perplexity" and max_perplexity is not None and not s["perplexity"] <= max_perplexity:
-            failures.append(f"{s['suite']} perplexity {s['perplexity']:.3f} > {max_perplexity:g}")
+        if s["kind"] == "perplexity" and max_perplexity is not None:
+            if s["perplexity"] is None:
+                failures.append(f"{s['suite']}: no tokens to score")
+            elif not s["perplexity"] <= max_perplexity:            # NaN (a broken model) fails too
+                failures.append(f"{s['suite']} perplexity {s['perplexity']:.3f} > {max_perplexity:g}")
     return failures
 
 
@@ -431,7 +443,8 @@ def print_scores(console: Console, scores: list[dict]) -> None:
     for s in scores:
         tps = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") is not None else "-"
         if s["kind"] == "perplexity":
-            table.add_row(s["suite"], "-", f"{s['scored_tokens']:,} tok", f"ppl {s['perplexity']:.3f}", "", "", tps)
+            ppl = f"ppl {s['perplexity']:.3f}" if s["perplexity"] is not None else "ppl -"
+            table.add_row(s["suite"], "-", f"{s['scored_tokens']:,} tok", ppl, "", "", tps)
         else:
             table.add_row(s["suite"], s["effort"], str(s["n"]), f"{s['accuracy']:.1%}",
                           f"{s['ci_low']:.1%}–{s['ci_high']:.1%}", f"{s['mean_reasoning_tokens']:.0f}", tps)

@@ -25,7 +25,8 @@ The graders (``GRADERS``), with examples of final answers and what they extract:
               JSON and validate against the declared tool's JSON schema (``jsonschema``), and any
               ``expected_arguments`` hold those values (a string: contained, any case).
               ``to=functions.get_weather`` + ``{"city": "Paris"}`` -> correct
-``final_channel``  the reply is well-formed Harmony, ends its turn with ``<|return|>`` and has a
+``final_channel``  the reply is well-formed Harmony (no text outside a message, no stray special
+              token inside one), ends its turn with ``<|return|>`` and has a
               non-empty final-channel message; with ``expected`` set, the answer also contains
               that text (case-insensitive).
 """
@@ -50,6 +51,7 @@ class Reply:
     tool_calls: list[dict] = field(default_factory=list)  # {recipient, arguments, content_type}
     raw: str = ""                    # text that was not well-formed Harmony
     stop_reason: str = "stop"        # stop | length | context
+    malformed: list[str] = field(default_factory=list)  # the parser's complaints, e.g. a stray special token
 
 
 @dataclass
@@ -254,8 +256,9 @@ def schema_error(instance, schema: dict) -> str | None:
 
 
 def grade_final_channel(reply: Reply, expected, options: dict) -> Grade:
-    if reply.raw:
-        return Grade(False, reply.raw[:200], expected, "output is not well-formed Harmony")
+    if reply.raw or reply.malformed:
+        why = "; ".join(reply.malformed[:2]) or "text outside any message"
+        return Grade(False, reply.raw[:200] or None, expected, f"output is not well-formed Harmony ({why})")
     if reply.stop_reason != "stop":
         return Grade(False, None, expected, f"the turn did not end with <|return|> ({reply.stop_reason})")
     if reply.tool_calls:

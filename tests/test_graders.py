@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gptoss_cli.errors import GptossError
 from gptoss_cli.graders import Reply, extract_boxed, extract_choice, extract_numeric, grade, normalize_text
@@ -178,3 +179,68 @@ def test_unknown_grader_and_bad_expected():
 def test_grade_is_json_serialisable():
     g = grade("tool_call", call('{"location": "Tokyo"}'), "get_weather", {"tools": [WEATHER]})
     assert json.loads(json.dumps(g.to_dict()))["correct"] is True
+
+
+# ---- hand-written Harmony output through the real path: ChatSession, StreamParser, grader -----
+
+
+class ScriptedEngine:
+    """Stands in for ``Engine``: 'generates' a fixed token sequence (a hand-written reply)."""
+
+    def __init__(self, tokenizer, script: str):
+        from gptoss_cli.engine import GenerationStats
+
+        self.tokenizer = tokenizer
+        self.script = tokenizer.encode(script, allowed_special="all")
+        self.max_context, self.device = 4096, torch.device("cpu")
+        self.last_stats = GenerationStats()
+
+    def generate(self, tokens, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_tokens=(), seed=None):
+        from gptoss_cli.engine import GenerationStats
+
+        self.last_stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
+        for i, tok in enumerate(self.script[:max_new_tokens]):
+            yield tok
+            if tok in set(stop_tokens):
+                self.last_stats.stop_reason = "stop"
+                return
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_full):
+    from gptoss_cli.tokenizer import load_encoding
+
+    return load_encoding(tiny_full)
+
+
+A, F = "<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>final<|message|>"
+SCRIPTS = [  # (suite, hand-written reply, correct?, words in the reason)
+    ("arithmetic", A + "30 times 134 is 4020.<|end|>" + F + r"\boxed{4020}<|return|>", True, "boxed"),
+    ("arithmetic", A + r"so \boxed{4020}<|end|>" + F + "I am not sure.<|return|>", False, "no number"),
+    ("arithmetic", A + r"it is \boxed{4020} and I keep thinking", False, "max-tokens"),
+    ("arithmetic", r"The answer is \boxed{4020}.<|return|>", False, "not well-formed"),
+    ("multiple-choice", A + "Sodium is Na.<|end|>" + F + "**Answer: A**<|return|>", True, "right option"),
+    ("multiple-choice", "<|channel|>final<|message|>(B)<|return|>", False, "wrong option"),
+    ("tool-calls", A + "Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather"
+     ' <|constrain|>json<|message|>{"location": "Paris"}<|call|>', True, "valid call"),
+    ("tool-calls", '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location": "Paris"<|call|>',
+     False, "not JSON"),
+    ("tool-calls", "<|channel|>final<|message|>It is sunny in Paris.<|return|>", False, "no tool call"),
+    ("final-channel", A + "Say yes.<|end|>" + F + "Yes.<|return|>", True, "final channel"),
+    ("final-channel", A + "Say yes.<|end|>" + F + "Yes.<|end|>", False, "<|return|>"),
+    ("final-channel", "<|channel|>final<|message|>Yes<|message|> again<|return|>", False, "not well-formed"),
+]
+
+
+@pytest.mark.parametrize("suite_name, script, correct, words", SCRIPTS)
+def test_hand_written_replies_through_the_chat_path(tiny_tokenizer, suite_name, script, correct, words):
+    from gptoss_cli.evals import run_sample
+    from gptoss_cli.suites import load_suite
+
+    suite = load_suite(suite_name, 0)
+    problem = suite.problems[0]
+    if suite_name == "arithmetic":
+        problem.expected = "4020"
+    sample = run_sample(ScriptedEngine(tiny_tokenizer, script), suite, problem, "low", 0, 1, 1.0, 40)
+    assert sample["grade"]["correct"] is correct, sample
+    assert words in sample["grade"]["reason"], sample["grade"]
