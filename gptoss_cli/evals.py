@@ -10,7 +10,7 @@ report (timings aside). The system message carries a fixed date (``EVAL_DATE``) 
 The report (``--output``, JSON, ``REPORT_SCHEMA``) is rewritten atomically after every sample
 (temporary file + rename), so Ctrl-C loses at most the sample in flight; running the same command
 again keeps the samples already there and runs only the missing ones. A report written with other
-settings is never overwritten. Its fields:
+settings, or on another dtype or kind of device, is never overwritten. Its fields:
 
 - ``version``: 1.
 - ``settings``: model, suites (as given), efforts, seed, samples, limit, temperature, max_tokens,
@@ -315,10 +315,10 @@ def write_report(path: Path, report: dict) -> None:
         raise GptossError(f"cannot write the report {path}: {e.strerror or e}") from None
 
 
-def load_previous(path: Path | None, settings: dict) -> list[dict]:
-    """The samples of an earlier report of the same settings at ``path``; [] when there is none."""
+def load_previous(path: Path | None, settings: dict) -> dict | None:
+    """An earlier report of the same settings at ``path``; None when there is none."""
     if path is None or not path.exists():
-        return []
+        return None
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -329,7 +329,19 @@ def load_previous(path: Path | None, settings: dict) -> list[dict]:
     if differ:
         raise GptossError(f"{path} holds a report of other settings (differs in {', '.join(differ)}); not overwriting it",
                           "pass another --output, or rerun with the same settings to resume")
-    return [s for s in old.get("samples", []) if isinstance(s, dict)]
+    return old
+
+
+def check_same_runtime(path: Path, old: dict, runtime: dict) -> None:
+    """Samples of another dtype or device kind would mix two different computations."""
+    was = old.get("runtime") or {}
+    for key in ("dtype", "device"):
+        before, now = str(was.get(key, "")), str(runtime[key])
+        if key == "device":
+            before, now = before.split(":")[0], now.split(":")[0]
+        if before != now:
+            raise GptossError(f"{path} was run with {key} {before}, this run uses {now}; not mixing them",
+                              f"rerun with the same --{key}, or pass another --output")
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -365,16 +377,18 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
     settings = {"model": model, "suites": list(suites), "efforts": efforts, "seed": seed, "samples": samples,
                 "limit": limit, "temperature": temperature, "max_tokens": max_tokens, "context": context,
                 "ppl_window": ppl_window, "ppl_stride": ppl_stride, "current_date": EVAL_DATE}
-    done = {sample_key(s): s for s in load_previous(output, settings)}
+    previous = load_previous(output, settings)
+    done = {sample_key(s): s for s in (previous or {}).get("samples", []) if isinstance(s, dict)}
 
     from .chat import load_engine
 
     engine = load_engine(model, device, dtype, context, yes, err)
+    runtime = engine.runtime_info()
+    if previous is not None:
+        check_same_runtime(output, previous, runtime)
     plan = _plan(loaded, efforts, samples, seed)
     if done:
         err.print(f"resuming {escape(str(output))}: {sum(k in done for k, _ in plan)} of {len(plan)} samples already there")
-
-    runtime = engine.runtime_info()
 
     def report() -> dict:
         ordered = [done[k] for k, _ in plan if k in done]

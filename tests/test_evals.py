@@ -123,6 +123,18 @@ def test_report_of_other_settings_is_not_overwritten(full_run):
     assert out.read_bytes() == before
 
 
+def test_report_of_another_dtype_is_not_mixed(full_run, tmp_path):
+    args, out, _ = full_run
+    other = tmp_path / "bf16.json"
+    report = json.loads(out.read_text())
+    report["runtime"]["dtype"] = "bfloat16"
+    other.write_text(json.dumps(report))
+    result = invoke(*args, "--output", other)
+    assert result.exit_code == 1
+    assert "was run with dtype bfloat16, this run uses float32" in result.output
+    assert json.loads(other.read_text()) == report
+
+
 @pytest.mark.parametrize("extra, code, words", [
     (["--fail-under", "0"], 0, None),
     (["--fail-under", "70%"], 1, "failed the gate: arithmetic/low 0.000 < 0.7"),
