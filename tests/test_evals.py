@@ -20,7 +20,7 @@ from gptoss_cli import evals
 from gptoss_cli.cli import app
 from gptoss_cli.errors import GptossError
 from gptoss_cli.evals import REPORT_SCHEMA, compute_scores, gate, parse_fraction, sample_seed, wilson_interval
-from gptoss_cli.suites import load_suite, specs
+from gptoss_cli.suites import load_suite
 
 BUILT_IN = ["arithmetic", "units", "multiple-choice", "final-channel", "tool-calls", "perplexity"]
 FAST = ["--device", "cpu", "--dtype", "float32", "--context", "256", "--max-tokens", "3",
@@ -54,7 +54,7 @@ def full_run(tiny_full, tmp_path_factory):
 
 
 def test_every_builtin_suite_runs(full_run):
-    args, out, result = full_run
+    _, out, result = full_run
     assert result.exit_code == 0, result.output
     assert "random weights" in result.output                         # the warning line
     report = json.loads(out.read_text())
@@ -225,7 +225,7 @@ def test_generated_suites_depend_only_on_the_seed():
         assert len(a.problems) == 50
     for p in load_suite("arithmetic", 5).problems:
         expr = p.prompt.removeprefix("What is ").split("?")[0].replace("×", "*").replace("÷", "//")
-        assert eval(expr) == int(p.expected), p.prompt       # noqa: S307 (our own generated text)
+        assert eval(expr) == int(p.expected), p.prompt       # our own generated text
 
 
 def test_unit_answers():

@@ -199,7 +199,7 @@ class ScriptedEngine:
         from gptoss_cli.engine import GenerationStats
 
         self.last_stats = GenerationStats(prompt_tokens=len(tokens), stop_reason="length")
-        for i, tok in enumerate(self.script[:max_new_tokens]):
+        for tok in self.script[:max_new_tokens]:
             yield tok
             if tok in set(stop_tokens):
                 self.last_stats.stop_reason = "stop"
