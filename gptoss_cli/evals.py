@@ -23,9 +23,10 @@ settings, or on another dtype or kind of device, is never overwritten. Its field
   text), ``scored_tokens``, ``window``, ``stride``, ``tokens_per_s``.
 - ``samples``: every sample: suite, effort, id, sample (index), seed, prompt (the user message),
   reasoning, answer, tool_calls, raw (text that was not well-formed Harmony), malformed (the
-  parser's complaints), stop_reason,
-  grade {correct, extracted, expected, reason} (null for perplexity), tokens {prompt, reasoning,
-  answer, generated; perplexity: text, scored}, nll (perplexity only), seconds.
+  parser's complaints), stop_reason, grade {correct, extracted, expected, reason} (null for
+  perplexity), tokens {prompt, reasoning, answer, generated; perplexity: text, scored}, nll
+  (perplexity only), seconds. A prompt that does not fit ``--context`` is graded incorrect with
+  that reason (stop_reason ``context``).
 - ``gate``: fail_under, max_perplexity, passed, failures (one line each; ``["incomplete"]`` while
   samples are missing). Gate options are not settings: rerunning a finished report with another
   ``--fail-under`` runs nothing and only re-gates it.
