@@ -451,18 +451,20 @@ def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err
 
 
 def print_scores(console: Console, scores: list[dict]) -> None:
-    table = Table(title="gptoss eval", title_justify="left")
-    for col, justify in (("suite", "left"), ("effort", "left"), ("n", "right"), ("score", "right"),
-                         ("95% CI", "right"), ("reasoning tok", "right"), ("tok/s", "right")):
-        table.add_column(col, justify=justify)
+    """The score table; a perplexity row shows "ppl" as its effort and its scored tokens as n."""
+    table = Table(title="gptoss eval", title_justify="left", caption_justify="left",
+                  caption="think: mean reasoning tokens · ppl rows: n = tokens scored")
+    for col in ("suite", "effort", "n", "score", "95% CI", "think", "tok/s"):
+        table.add_column(col, justify="left" if col in ("suite", "effort") else "right", no_wrap=True)
     for s in scores:
         tps = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") is not None else "-"
         if s["kind"] == "perplexity":
-            ppl = f"ppl {s['perplexity']:.3f}" if s["perplexity"] is not None else "ppl -"
-            table.add_row(s["suite"], "-", f"{s['scored_tokens']:,} tok", ppl, "", "", tps)
+            p = s["perplexity"]
+            ppl = "-" if p is None else f"{p:.3f}" if p < 1e4 else f"{p:.3g}"
+            table.add_row(s["suite"], "ppl", f"{s['scored_tokens']:,}", ppl, "", "", tps)
         else:
             table.add_row(s["suite"], s["effort"], str(s["n"]), f"{s['accuracy']:.1%}",
-                          f"{s['ci_low']:.1%}–{s['ci_high']:.1%}", f"{s['mean_reasoning_tokens']:.0f}", tps)
+                          f"{100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}%", f"{s['mean_reasoning_tokens']:.0f}", tps)
     console.print(table)
 
 
