@@ -158,26 +158,32 @@ def bench(
 @app.command("eval")
 @_guard
 def eval_(
-    suites: List[str] = typer.Argument(..., help="Suite names (see --list) or data files."),
+    suites: Optional[List[str]] = typer.Argument(None, help="Suite names (see --list), NAME=PATH for aime25, gpqa-diamond or perplexity, or a JSONL file."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     effort: str = typer.Option("low", "--effort", help="Comma-separated efforts: low,medium,high."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many problems per suite."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many problems (perplexity: files) per suite."),
     samples: int = typer.Option(1, "--samples", help="Samples per problem."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and problem generation."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report; an existing one is resumed."),
-    fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit non-zero if a score is below this (0-1)."),
+    fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Exit 1 if a suite x effort accuracy is below this (0-1 or 70%); perplexity is not gated by it."),
+    max_perplexity: Optional[float] = typer.Option(None, "--max-perplexity", help="Exit 1 if a perplexity suite scores above this."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 is greedy."),
     max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens generated per answer."),
     context: int = typer.Option(8192, "--context", help="Context length in tokens."),
+    ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity: tokens per window (default 512)."),
+    ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Perplexity: tokens between window starts (default 256)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    list_: bool = typer.Option(False, "--list", help="List the suites and exit."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Score a model on eval suites; exit non-zero under --fail-under."""
     from . import evals as mod
 
     mod.run(suites=suites, model=model, effort=effort, limit=limit, samples=samples, seed=seed,
             output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
-            context=context, device=device, dtype=dtype)
+            context=context, device=device, dtype=dtype, max_perplexity=max_perplexity,
+            ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes)
 
 
 if __name__ == "__main__":
