@@ -123,9 +123,9 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
         engine.tokenizer  # build the tokenizer now, not at the first prompt
     if not quiet:
         info = engine.runtime_info()
-        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · context {context:,}", style="dim"))
+        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {info['ops']} · context {context:,}", style="dim"), soft_wrap=True)
     if engine.config.random_weights:
-        err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"))
+        err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"), soft_wrap=True)
     return engine
 
 
@@ -149,9 +149,7 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
         turn = session.respond(prompt, view, view.on_token)
     finally:
         view.close()
-    if not turn.answer and turn.raw and not view.wrote_answer:
-        out.print(turn.raw, markup=False, highlight=False)
-    err.print(Text(stats_line(turn.stats, session.engine.device.type), style="dim"))
+    err.print(Text(stats_line(turn.stats, session.engine.device.type), style="dim"), soft_wrap=True)
     if turn.interrupted:
         raise KeyboardInterrupt
 

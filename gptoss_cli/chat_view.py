@@ -124,8 +124,11 @@ class ReplyView:
 
     def _malformed(self, e: Malformed) -> None:
         self._close_live()
-        if e.text:
-            self.console.print(Text(e.text, style="yellow"), soft_wrap=True, end="")
+        if e.text:  # the raw text is what the model said: it goes where the answer goes
+            self.out.print(Text(e.text, style="yellow"), soft_wrap=True, end="")
+            self.wrote_answer = True
+            if self.out is not self.console:
+                self.out.print()
             self.console.print(Text(f"  [not Harmony: {e.reason}]", style="dim yellow"))
         else:
             self.console.print(Text(f"[not Harmony: {e.reason}]", style="dim yellow"))
