@@ -96,6 +96,7 @@ def test_random_router_spreads_tokens_over_experts(monkeypatch, n_experts):
         picked.append(experts.flatten())
         return weights, experts
 
+    recording_route.reference = recording_route      # what ops.moe's reference path calls
     monkeypatch.setattr(ops, "route", recording_route)
     tokens = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     eng.model.forward(tokens, eng.model.new_cache(1), 0)
