@@ -139,12 +139,21 @@ def test_interactive_session_in_a_pty(tiny_full, tmp_path):
     child.sendline("/context")
     child.expect("Reasoning: high")                     # the rendered system message changed
     child.expect(">>>")
-    child.sendline("second message")
+    child.send("\x1b[200~second\nmessage\x1b[201~")  # a bracketed paste keeps its newline
+    child.sendline("")
     child.expect("ttft")
     child.expect(">>>")
-    child.sendline("/undo")
-    child.expect("removed the last turn")
+    child.sendline('"""first')                           # a triple-quoted block spans lines
+    child.sendline('second"""')
+    child.expect("ttft")
     child.expect(">>>")
+    child.sendline(f"/save {tmp_path / 'pasted.json'}")
+    child.expect("saved")
+    child.expect(">>>")
+    for _ in range(2):
+        child.sendline("/undo")
+        child.expect("removed the last turn")
+        child.expect(">>>")
     transcript = tmp_path / "chat.json"
     child.sendline(f"/save {transcript}")
     child.expect("saved")
@@ -163,6 +172,8 @@ def test_interactive_session_in_a_pty(tiny_full, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    pasted = json.loads((tmp_path / "pasted.json").read_text())
+    assert [t["user"] for t in pasted["turns"]] == ["hello there", "second\nmessage", "first\nsecond"]
     saved = json.loads(transcript.read_text())
     assert [t["user"] for t in saved["turns"]] == ["hello there"]
     assert saved["conversation"]["reasoning_effort"] == "high"
