@@ -95,7 +95,7 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise GptossError("the prompt is empty")
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())  # a pipe: no wrapping
     engine = load_engine(model, device, dtype, context, yes, err, quiet=json_out)
     conv = Conversation(reasoning_effort=effort, developer_instructions=developer or None)
     if system:
@@ -175,7 +175,7 @@ class Repl:
     def __init__(self, session: ChatSession, model: str):
         self.session = session
         self.model = model
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
         self.tty = sys.stdin.isatty() and sys.stdout.isatty()
         self.prompt = self._make_prompt() if self.tty else None
 
