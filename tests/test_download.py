@@ -673,3 +673,24 @@ def test_tiny_random_offline_and_list(env, monkeypatch):
 def test_list_when_nothing_is_on_disk(env):
     r = cli("--list")
     assert r.exit_code == 0 and "no gpt-oss model on disk yet" in r.output
+
+
+def test_chat_offers_the_download_then_answers(fake_hub, tmp_path):
+    """`gptoss chat` with no model on disk: shows the plan, fetches (--yes), loads, answers; and
+    without --yes and without a terminal it says, in one line, what to do."""
+    folder = write_checkpoint(tmp_path / "repo", PRESETS["tiny"], layout="hf", seed=4)  # real vocabulary
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    fake_hub.add("openai/gpt-oss-chat", files)
+    chat = [sys.executable, "-m", "gptoss_cli", "chat", "--model", "openai/gpt-oss-chat", "--prompt", "hi",
+            "--max-tokens", "4", "--json", "--device", "cpu"]
+    refused = subprocess.run(chat, cwd=ROOT, env=_subprocess_env(fake_hub, tmp_path), capture_output=True,
+                             text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--yes" in errors[0], refused.stderr
+    r = subprocess.run(chat + ["--yes"], cwd=ROOT, env=_subprocess_env(fake_hub, tmp_path),
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "downloaded and verified" in r.stderr
+    out = json.loads(r.stdout)                       # stdout holds the answer only; progress is on stderr
+    assert out["stats"]["generated_tokens"] == 4
