@@ -9,7 +9,6 @@ A full layer keeps every position up to ``max_context``. A windowed layer keeps 
   forward writes them there with RoPE applied (``ops.rope_store``), then
 - ``attend(q_pos, start) -> (keys, values, key_positions)``: what the new queries attend over,
   with each slot's absolute position (-1: empty);
-- ``update(k, v, start)``: both steps for k already rotated (the plain form of the two above);
 - ``rewind(n)``: forget positions >= n;
 - ``reset()``.
 
@@ -47,9 +46,6 @@ class FullCache:
             return self.k, self.v, self.positions
         end = start + q_pos.shape[0]
         return self.k[:, :end], self.v[:, :end], self.positions[:end]
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        return _update(self, k, v, start)
 
     def rewind(self, n: int) -> None:
         """Positions >= n are overwritten before they are read again; nothing to do."""
@@ -97,23 +93,11 @@ class RingCache:
         self.pos[slots] = q_pos[-m:]
         return keys, values, positions
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        return _update(self, k, v, start)
-
     def rewind(self, n: int) -> None:
         self.pos.masked_fill_(self.pos >= n, -1)
 
     def reset(self) -> None:
         self.pos.fill_(-1)
-
-
-def _update(layer, k: torch.Tensor, v: torch.Tensor, start: int):
-    """Store already-rotated k, v [B, T, K, dh] at positions start.. and return what to attend."""
-    q_pos = torch.arange(start, start + k.shape[1], device=k.device)
-    k_buf, v_buf, slots = layer.slots_for(q_pos, start)
-    k_buf.index_copy_(1, slots, k)
-    v_buf.index_copy_(1, slots, v)
-    return layer.attend(q_pos, start)
 
 
 @dataclass
@@ -182,6 +166,3 @@ class KVCache:
                 c.rewind(snap.length)
         self.length = snap.length
         self.dirty = False
-
-    def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)

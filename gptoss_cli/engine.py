@@ -20,7 +20,7 @@ same step eagerly, which gives bit-identical tokens). Prefill and the CPU path r
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -76,11 +76,6 @@ class GenerationStats:
     decode_s: float = 0.0
     stop_reason: str = ""         # "stop" (a stop token), "length" (max_new_tokens), "context"
     token_times: list[float] = field(default_factory=list)  # seconds since the call, per token
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("token_times")
-        return d
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
