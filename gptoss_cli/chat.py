@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,8 +21,9 @@ from rich.text import Text
 
 from .chat_session import ChatSession, Settings, Turn
 from .chat_view import ReplyView, stats_line
-from .errors import ContextFullError, GptossError, ModelNotFoundError
+from .errors import ContextFullError, GptossError
 from .harmony import EFFORTS, Conversation
+from .loading import load_engine
 
 COMMANDS = {
     "/help": "show this help",
@@ -81,10 +81,6 @@ PROMPT_JSON_SCHEMA = {
 def run(*, model: str, effort: str, system: str | None, developer: str | None, temperature: float,
         top_p: float, max_tokens: int, context: int, seed: int | None, reasoning: str,
         prompt: str | None, json_out: bool, device: str, dtype: str, yes: bool) -> None:
-    if effort not in EFFORTS:
-        raise GptossError(f"unknown --effort {effort!r}", "use low, medium or high")
-    if reasoning not in ("show", "hide"):
-        raise GptossError(f"unknown --reasoning {reasoning!r}", "use show or hide")
     if json_out and prompt is None:
         raise GptossError("--json goes with --prompt", "e.g. gptoss chat --prompt 'hi' --json")
     settings = Settings(max_tokens=max_tokens, reasoning=reasoning)
@@ -105,36 +101,6 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         answer_once(session, prompt, model, json_out, err)
     else:
         Repl(session, model).loop()
-
-
-def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, err: Console, quiet: bool = False):
-    """Load the model once, with a spinner; offer to download it when it is not on disk."""
-    from .engine import Engine
-    from .resolve import repo_for, resolve_model
-
-    try:
-        folder = resolve_model(model)
-    except ModelNotFoundError:
-        if repo_for(model) is None:  # not something the hub has: nothing to offer
-            raise
-        folder = offer_download(model, yes, err)
-    with err.status(f"Loading {escape(model)} from {escape(str(folder))}…", spinner="dots"):
-        engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
-        engine.tokenizer  # build the tokenizer now, not at the first prompt
-    if not quiet:
-        info = engine.runtime_info()
-        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {info['ops']} · context {context:,}", style="dim"), soft_wrap=True)
-    if engine.config.random_weights:
-        err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"), soft_wrap=True)
-    return engine
-
-
-def offer_download(model: str, yes: bool, err: Console) -> Path:
-    """Like ``ollama run``: show what the download is (files, size, free space), ask, fetch, go on.
-    Offline, or without a terminal and without --yes, that is one error line saying what to do."""
-    from . import download
-
-    return download.pull(model, assume_yes=yes, console=err)
 
 
 def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, err: Console) -> None:

@@ -7,8 +7,10 @@ line on stderr and a non-zero exit, and Ctrl-C into a clean exit; tracebacks are
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -82,11 +84,53 @@ def main(
 MODEL_HELP = "A checkpoint folder, a hub id in the local Hugging Face cache, or a preset name."
 
 
+# Options with a fixed set of values are Typer choices: --help lists them and a wrong one gets
+# Typer's usage error. The modules below take the plain strings (``.value``).
+class Effort(str, enum.Enum):
+    low = "low"
+    medium = "medium"
+    high = "high"
+
+
+class Reasoning(str, enum.Enum):
+    show = "show"
+    hide = "hide"
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Layout(str, enum.Enum):
+    hf = "hf"
+    original = "original"
+    both = "both"
+
+
+class Format(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    md = "md"
+
+
+def _device(value: str) -> str:
+    """--device is auto, cpu, cuda or cuda:N: not a fixed list, so checked here, as a usage error."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+
+
 @app.command()
 @_guard
 def download(
     model: str = typer.Argument("gpt-oss-20b", help="gpt-oss-20b, gpt-oss-120b, a hub repo id, or tiny-random."),
-    layout: str = typer.Option("hf", "--layout", help="Which weight files to fetch: hf (repo root), original (original/), or both."),
+    layout: Layout = typer.Option(Layout.hf, "--layout", help="Which weight files to fetch: hf (repo root), original (original/), or both."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", help="Download into this folder instead of the Hugging Face cache."),
     revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit of the hub repo."),
     list_: bool = typer.Option(False, "--list", help="List the models already on disk, with their sizes."),
@@ -96,7 +140,7 @@ def download(
     """Fetch a gpt-oss model from the Hugging Face hub (or write a tiny random one offline)."""
     from . import download as mod
 
-    mod.run(model=model, layout=layout, local_dir=local_dir, revision=revision, list_=list_,
+    mod.run(model=model, layout=layout.value, local_dir=local_dir, revision=revision, list_=list_,
             eval_name=eval_name, yes=yes)
 
 
@@ -104,7 +148,7 @@ def download(
 @_guard
 def chat(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
-    effort: str = typer.Option("medium", "--effort", "-e", help="Reasoning effort: low, medium or high."),
+    effort: Effort = typer.Option(Effort.medium, "--effort", "-e", help="Reasoning effort."),
     system: Optional[str] = typer.Option(None, "--system", help="Extra text for the system message."),
     developer: Optional[str] = typer.Option(None, "--developer", help="Developer instructions."),
     temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
@@ -112,19 +156,19 @@ def chat(
     max_tokens: int = typer.Option(4096, "--max-tokens", help="Most tokens generated per reply."),
     context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    reasoning: str = typer.Option("show", "--reasoning", help="show or hide the reasoning."),
+    reasoning: Reasoning = typer.Option(Reasoning.show, "--reasoning", help="Stream the reasoning, or collapse it to one line."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt and exit ('-' reads stdin)."),
     json_out: bool = typer.Option(False, "--json", help="With --prompt: print one JSON object."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
     from . import chat as mod
 
-    mod.run(model=model, effort=effort, system=system, developer=developer, temperature=temperature,
-            top_p=top_p, max_tokens=max_tokens, context=context, seed=seed, reasoning=reasoning,
-            prompt=prompt, json_out=json_out, device=device, dtype=dtype, yes=yes)
+    mod.run(model=model, effort=effort.value, system=system, developer=developer, temperature=temperature,
+            top_p=top_p, max_tokens=max_tokens, context=context, seed=seed, reasoning=reasoning.value,
+            prompt=prompt, json_out=json_out, device=device, dtype=dtype.value, yes=yes)
 
 
 @app.command()
@@ -138,21 +182,21 @@ def bench(
     context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated numbers of tokens already in the cache before the prompt."),
     repeat: int = typer.Option(3, "--repeat", help="Measured runs per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs per configuration."),
-    fmt: str = typer.Option("table", "--format", help="table, json, csv or md."),
+    fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file (JSON unless --format is csv or md)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result; exit 3 if a figure regressed."),
     max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
 ):
     """Measure prefill and decode speed, time to first token, memory and the roofline share."""
     from . import bench as mod
 
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,
-            batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt,
+            batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt.value,
             output=output, baseline=baseline, max_regression=max_regression, device=device,
-            dtype=dtype, graph=graph)
+            dtype=dtype.value, graph=graph)
 
 
 @app.command("eval")
@@ -172,8 +216,8 @@ def eval_(
     context: int = typer.Option(8192, "--context", help="Context length in tokens."),
     ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity: tokens per window (default 512)."),
     ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Perplexity: tokens between window starts (default 256)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 or float32."),
+    device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     list_: bool = typer.Option(False, "--list", help="List the suites and exit."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
@@ -182,7 +226,7 @@ def eval_(
 
     mod.run(suites=suites, model=model, effort=effort, limit=limit, samples=samples, seed=seed,
             output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
-            context=context, device=device, dtype=dtype, max_perplexity=max_perplexity,
+            context=context, device=device, dtype=dtype.value, max_perplexity=max_perplexity,
             ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes)
 
 

@@ -381,7 +381,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
     previous = load_previous(output, settings)
     done = {sample_key(s): s for s in (previous or {}).get("samples", []) if isinstance(s, dict)}
 
-    from .chat import load_engine
+    from .loading import load_engine
 
     engine = load_engine(model, device, dtype, context, yes, err)
     runtime = engine.runtime_info()

@@ -257,8 +257,6 @@ def test_baseline_passes_and_fails(tmp_path, sweep):
     (["--random-weights", "tiny", "--baseline", "NOT_A_RESULT"], "not a gptoss bench result"),
     (["--random-weights", "tiny", "--max-regression", "five"], "not a percentage"),
     (["--random-weights", "tiny", "--max-regression", "150%"], "not a percentage"),
-    (["--random-weights", "tiny", "--format", "xml"], "unknown --format"),
-    (["--random-weights", "tiny", "--device", "tpu"], "device"),
     (["--model", "/nonexistent/model"], "does not exist"),
 ])
 def test_bad_options_get_one_clear_line(args, says, tmp_path):
@@ -273,6 +271,18 @@ def test_bad_options_get_one_clear_line(args, says, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.stderr
     assert time.perf_counter() - t0 < 10                   # refused before any model is built
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format", "xml"], ["'--format'", "'xml'", "'table', 'json', 'csv', 'md'"]),
+    (["--dtype", "fp8"], ["'--dtype'", "'auto', 'bfloat16', 'float32'"]),
+    (["--device", "tpu"], ["'--device'", "auto, cpu, cuda, cuda:N"]),
+])
+def test_values_outside_the_choices_are_usage_errors(args, words):
+    r = invoke("--random-weights", "tiny", *args)
+    assert r.exit_code == 2 and r.stdout == ""
+    text = " ".join(" ".join(line.strip(" │╭╮╰╯─") for line in r.stderr.splitlines()).split())
+    assert "Invalid value for" in text and all(w in text for w in words), r.stderr
 
 
 # ---- honesty ------------------------------------------------------------------------------------

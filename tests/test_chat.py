@@ -56,7 +56,6 @@ def test_prompt_from_stdin_prints_answer_and_stats(tiny_full, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--effort", "extreme"], ["--effort", "low, medium or high"]),
     (["--json"], ["--json goes with --prompt"]),
     (["--model", "/nonexistent/folder", "--prompt", "x"], ["does not exist"]),
     (["--model", "nobody/nothing-here", "--prompt", "x"], ["not on this machine", "gptoss download"]),
@@ -67,6 +66,28 @@ def test_bad_options_get_one_line(tmp_path, args, words):
     assert "Traceback" not in r.stderr
     err = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1 and all(w in err[0] for w in words), r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--effort", "extreme"], ["'--effort'", "'extreme'", "'low', 'medium', 'high'"]),
+    (["--reasoning", "maybe"], ["'--reasoning'", "'show', 'hide'"]),
+    (["--dtype", "int3"], ["'--dtype'", "'auto', 'bfloat16', 'float32'"]),
+    (["--device", "tpu"], ["'--device'", "auto, cpu, cuda, cuda:N"]),
+])
+def test_a_value_outside_an_options_choices_is_a_usage_error(tmp_path, args, words):
+    """Options with fixed values are Typer choices: --help lists them, a wrong one is Typer's
+    usage error (exit 2) naming the option and the values it takes, before any model loads."""
+    r = _chat(tmp_path, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    text = " ".join(" ".join(line.strip(" │╭╮╰╯─") for line in r.stderr.splitlines()).split())
+    assert "Invalid value for" in text and all(w in text for w in words), r.stderr
+
+
+def test_help_lists_the_choices(tmp_path):
+    r = _chat(tmp_path, "--help")
+    assert r.returncode == 0
+    for choices in ("low|medium|high", "show|hide", "auto|bfloat16|float32"):
+        assert choices in r.stdout
 
 
 def test_broken_checkpoint_gets_one_line(tiny_hf_single, tmp_path):

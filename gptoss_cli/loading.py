@@ -1,0 +1,43 @@
+"""Loading a model for a subcommand: resolve it on disk, offer the download when it is missing,
+load it once behind a spinner and say what was loaded (device, dtype, kernel path) and whether its
+weights are random. ``gptoss chat``, ``gptoss eval`` and ``gptoss serve`` all load through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from .errors import ModelNotFoundError
+
+
+def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, err: Console, quiet: bool = False):
+    """Load the model once, with a spinner; offer to download it when it is not on disk."""
+    from .engine import Engine
+    from .resolve import repo_for, resolve_model
+
+    try:
+        folder = resolve_model(model)
+    except ModelNotFoundError:
+        if repo_for(model) is None:  # not something the hub has: nothing to offer
+            raise
+        folder = offer_download(model, yes, err)
+    with err.status(f"Loading {escape(model)} from {escape(str(folder))}…", spinner="dots"):
+        engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
+        engine.tokenizer  # build the tokenizer now, not at the first prompt
+    if not quiet:
+        info = engine.runtime_info()
+        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {info['ops']} · context {context:,}", style="dim"), soft_wrap=True)
+    if engine.config.random_weights:
+        err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"), soft_wrap=True)
+    return engine
+
+
+def offer_download(model: str, yes: bool, err: Console) -> Path:
+    """Like ``ollama run``: show what the download is (files, size, free space), ask, fetch, go on.
+    Offline, or without a terminal and without --yes, that is one error line saying what to do."""
+    from . import download
+
+    return download.pull(model, assume_yes=yes, console=err)
