@@ -36,7 +36,10 @@ import triton.language as tl
 
 from gptoss_cli import ops
 
+from .arrive import arrive, counters, reset
+
 DECODE_MAX_TOKENS = 8        # up to this many tokens: the GEMV path
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -72,12 +75,37 @@ def _swiglu(gate, lin, limit):
 
 # ---- router -----------------------------------------------------------------------------------
 @triton.jit
+def _top_k_softmax(logits, e, E, Weights, Experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store the top-k experts of one row of fp32 ``logits`` (indexed by ``e``) and the softmax
+    over those k. NaN never wins (it counts as -inf) and a taken expert is never taken again, so
+    the ids are always k distinct experts in 0..E-1 whatever the logits hold."""
+    avail = e < E
+    logits = tl.where(logits == logits, logits, float("-inf"))           # NaN -> -inf
+    kk = tl.arange(0, BLOCK_K)
+    top = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    idx = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        m = tl.max(tl.where(avail, logits, float("-inf")), axis=0)
+        i = tl.min(tl.where(avail & (logits == m), e, 1 << 30), axis=0)  # ties: lowest expert
+        top = tl.where(kk == j, m, top)
+        idx = tl.where(kk == j, i, idx)
+        avail = avail & (e != i)
+    p = tl.where(top > float("-inf"), tl.math.exp2((top - tl.max(top, axis=0)) * 1.4426950408889634), 0.0)
+    p = p / tl.maximum(tl.sum(p, axis=0), 1e-30)
+    tl.store(Weights + kk, p, mask=kk < TOP_K)
+    tl.store(Experts + kk, idx, mask=kk < TOP_K)
+
+
+@triton.jit
 def _route_kernel(
-    X, W, Bias, Weights, Experts, D, E,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    X, W, Bias, Logits, Weights, Experts, Counter, D, E,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPREAD: tl.constexpr,
 ):
+    """Router logits of one token for ``BLOCK_E`` experts (grid: tokens x expert blocks); with
+    ``SPREAD`` the last block of a token to finish takes the top-k over all of its logits."""
     n = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, BLOCK_E)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -87,96 +115,156 @@ def _route_kernel(
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     b = tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
     logits = (acc + b).to(X.dtype.element_ty).to(tl.float32)       # the reference's linear rounds
-    logits = tl.where(e_ok, logits, float("-inf"))
-    kk = tl.arange(0, BLOCK_K)
-    top = tl.full([BLOCK_K], float("-inf"), tl.float32)
-    idx = tl.zeros([BLOCK_K], dtype=tl.int64)
-    for j in tl.static_range(TOP_K):
-        m = tl.max(logits, axis=0)
-        i = tl.min(tl.where(logits == m, e, BLOCK_E), axis=0)
-        top = tl.where(kk == j, m, top)
-        idx = tl.where(kk == j, i, idx)
-        logits = tl.where(e == i, float("-inf"), logits)
-    p = tl.math.exp2((top - tl.max(top, axis=0)) * 1.4426950408889634)
-    p = p / tl.sum(p, axis=0)
-    tl.store(Weights + n * TOP_K + kk, p, mask=kk < TOP_K)
-    tl.store(Experts + n * TOP_K + kk, idx, mask=kk < TOP_K)
+    if SPREAD:
+        tl.store(Logits + n * E + e, logits, mask=e_ok)
+        if arrive(Counter + n, tl.num_programs(1)):
+            e_all = tl.arange(0, BLOCK_ALL)
+            all_logits = tl.load(Logits + n * E + e_all, mask=e_all < E, other=float("-inf"), cache_modifier=".cg")
+            _top_k_softmax(all_logits, e_all, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
+            reset(Counter + n)
+    else:
+        _top_k_softmax(logits, e, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
+
+
+ROUTE_SPREAD_TOKENS = 64     # up to this many tokens, each token's router runs on several programs
+ROUTE_EXPERTS_PER_PROGRAM = 4
 
 
 def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
-    """x [N, D] -> (weights [N, k] float32, experts [N, k] int64), as ``ops.route``."""
+    """x [N, D] -> (weights [N, k] float32, experts [N, k] int64), as ``ops.route``.
+
+    At decode sizes the experts' rows are spread over programs (20b: 8 a token, 120b: 32) instead
+    of one program reading all of them in turn; prefill has tokens enough to fill the GPU."""
     N, D = x.shape
     E = router_w.shape[0]
     weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
     experts = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
     if N:
-        _route_kernel[(N,)](
-            x.contiguous(), router_w.contiguous(), router_b, weights, experts, D, E,
-            TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), BLOCK_D=min(256, triton.next_power_of_2(D)),
-            BLOCK_K=triton.next_power_of_2(top_k),
+        spread = N <= ROUTE_SPREAD_TOKENS
+        block_e = ROUTE_EXPERTS_PER_PROGRAM if spread else triton.next_power_of_2(E)
+        logits = torch.empty(N, E, dtype=torch.float32, device=x.device) if spread else weights
+        _route_kernel[(N, triton.cdiv(E, block_e))](
+            x.contiguous(), router_w.contiguous(), router_b, logits, weights, experts,
+            counters(x.device, N), D, E,
+            TOP_K=top_k, BLOCK_E=block_e, BLOCK_ALL=triton.next_power_of_2(E),
+            BLOCK_D=min(256 if spread else 128, triton.next_power_of_2(D)),
+            BLOCK_K=triton.next_power_of_2(top_k), SPREAD=spread,
         )
     return weights, experts
 
 
 # ---- decode: GEMVs over the chosen experts ----------------------------------------------------
 @triton.jit
-def _moe_gemv1(
-    X, Experts, W1, S1, B1, A, D, F, limit,
-    TOP_K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+def _fp4x2_to_f32(codes):
+    """uint8 bytes of two E2M1 codes -> (low, high) float32 values, each times 2^-14.
+
+    The code's bits go straight into an fp16's: sign to bit 15, e1 e0 to the two lowest exponent
+    bits, m to the top mantissa bit. That fp16 is exactly value * 2^-14 (e = 0 lands on fp16's
+    subnormals, which the conversion keeps), so there is no table, no exp2 and no int-to-float."""
+    b = codes.to(tl.int16)
+    lo = ((b & 0x07) << 9) | ((b & 0x08) << 12)
+    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    return lo.to(tl.float16, bitcast=True).to(tl.float32), hi.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _mxfp4_gemv_rows(
+    W, S, XP, rows, row_ok, n_groups,
+    X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """A[pair, f] = swiglu(W1[e] x + b1[e]) for rows f of one block; pair = token * k + slot."""
-    pair = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    f_ok = f < F
-    e = tl.load(Experts + pair).to(tl.int64)
-    n_bytes = D // 2
-    w_base = W1 + e * (2 * F) * n_bytes
-    s_base = S1 + e * (2 * F) * (n_bytes // 16)
-    x_row = X + (pair // TOP_K) * D
-    gate = tl.zeros([BLOCK_F], dtype=tl.float32)
-    lin = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for c0 in range(0, n_bytes, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < n_bytes
-        x_even = tl.load(x_row + 2 * c, mask=c_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + 2 * c + 1, mask=c_ok, other=0.0).to(tl.float32)
-        g_lo, g_hi = _load_mxfp4(w_base, s_base, 2 * f, f_ok, c, c_ok, n_bytes)
-        l_lo, l_hi = _load_mxfp4(w_base, s_base, 2 * f + 1, f_ok, c, c_ok, n_bytes)
-        gate += tl.sum(g_lo * x_even[None, :] + g_hi * x_odd[None, :], axis=1)
-        lin += tl.sum(l_lo * x_even[None, :] + l_hi * x_odd[None, :], axis=1)
-    gate += tl.load(B1 + e * 2 * F + 2 * f, mask=f_ok, other=0.0).to(tl.float32)
-    lin += tl.load(B1 + e * 2 * F + 2 * f + 1, mask=f_ok, other=0.0).to(tl.float32)
+    """fp32 [BLOCK_R]: rows ``rows`` of one packed expert matrix (codes W [R, n_groups*16] bytes,
+    scales S [R, n_groups]) times the activation row at ``XP`` (viewed as pairs, see
+    ``_pairs``). Each thread holds whole 16-byte groups (32 codes sharing one scale), so the 32
+    products are summed in registers and the scale is applied once per group, as an exponent;
+    the sum across groups happens once, after the loop."""
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, 16)
+    n_bytes = n_groups * 16
+    w_rows = W + rows[:, None, None] * n_bytes + j[None, None, :]          # [R, 1, 16]
+    s_rows = S + rows[:, None] * n_groups                                    # [R, 1]
+    acc = tl.zeros([BLOCK_R, BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        gg = g0 + g
+        g_ok = gg < n_groups
+        codes = tl.load(w_rows + (gg * 16)[None, :, None], mask=row_ok[:, None, None] & g_ok[None, :, None], other=0)
+        scale = tl.load(s_rows + gg[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0)
+        words = tl.load(XP + (gg * 16)[:, None] + j[None, :], mask=g_ok[:, None], other=0)   # [G, 16]
+        x_even, x_odd = _pairs(words, X_DTYPE)
+        lo, hi = _fp4x2_to_f32(codes)                                        # [R, G, 16]
+        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [R, G]
+        acc += part * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)   # E8M0: 2^(s-127)
+    return tl.sum(acc, axis=1) * 16384.0                                     # undo the 2^-14
+
+
+@triton.jit
+def _pairs(words, X_DTYPE: tl.constexpr):
+    """Words of two activations each -> (even, odd) float32. 16-bit activations come as int32
+    words, fp32 ones as int64, so one 16-byte load brings 8 or 4 of them."""
+    if X_DTYPE == tl.float32:
+        even = words.to(tl.int32).to(tl.float32, bitcast=True)
+        odd = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        even = words.to(tl.int16).to(X_DTYPE, bitcast=True).to(tl.float32)
+        odd = (words >> 16).to(tl.int16).to(X_DTYPE, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+def _as_pairs(t: torch.Tensor) -> torch.Tensor:
+    """[.., n] activations -> [.., n/2] words of two (see ``_pairs``)."""
+    return t.contiguous().view(torch.int64 if t.dtype == torch.float32 else torch.int32)
+
+
+@triton.jit
+def _moe_gemv1(
+    XP, Experts, W1, S1, B1, A, F, n_groups, limit,
+    TOP_K: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """A[pair, f] = swiglu(W1[e] x + b1[e]) for a block of ``BLOCK_R`` rows of W1, i.e. the gate
+    and linear rows of ``BLOCK_R/2`` outputs f, read as one contiguous tile (grid: row blocks x
+    pairs, pair = token * k + slot)."""
+    pair = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)              # 2f (gate), 2f+1 (linear)
+    row_ok = rows < 2 * F
+    e = tl.load(Experts + pair)
+    w_base = W1 + e * (2 * F) * (n_groups * 16)
+    s_base = S1 + e * (2 * F) * n_groups
+    h = _mxfp4_gemv_rows(w_base, s_base, XP + (pair // TOP_K) * (n_groups * 16), rows, row_ok,
+                         n_groups, X_DTYPE, BLOCK_R, BLOCK_G)
+    h += tl.load(B1 + e * 2 * F + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gate, lin = tl.split(tl.reshape(h, [BLOCK_R // 2, 2]))
     a = _swiglu(gate, lin, limit)
-    tl.store(A + pair * F + f, a.to(A.dtype.element_ty), mask=f_ok)
+    f = tl.program_id(0) * (BLOCK_R // 2) + tl.arange(0, BLOCK_R // 2)
+    tl.store(A + pair * F + f, a.to(A.dtype.element_ty), mask=f < F)
 
 
 @triton.jit
 def _moe_gemv2(
-    A, Experts, Weights, W2, S2, B2, Out, D, F,
-    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    AP, Experts, Weights, W2, S2, B2, Y, Out, Counter, D, n_groups,
+    TOP_K: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """Out[n, d] = sum_j weight[n, j] * (W2[e_j] A[n, j] + b2[e_j]) for rows d of one block."""
-    n = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """Y[pair, d] = weight[pair] * (W2[e] A[pair] + b2[e]) for a block of rows d (grid: row
+    blocks x pairs); the last of a token's k pairs to finish a block sums the k rows in slot
+    order into Out[token, d]."""
+    pair = tl.program_id(1).to(tl.int64)
+    n = pair // TOP_K
+    d = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d_ok = d < D
-    n_bytes = F // 2
-    out = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = n * TOP_K + j
-        e = tl.load(Experts + pair).to(tl.int64)
-        w_base = W2 + e * D * n_bytes
-        s_base = S2 + e * D * (n_bytes // 16)
-        y = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, n_bytes, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < n_bytes
-            a_even = tl.load(A + pair * F + 2 * c, mask=c_ok, other=0.0).to(tl.float32)
-            a_odd = tl.load(A + pair * F + 2 * c + 1, mask=c_ok, other=0.0).to(tl.float32)
-            w_lo, w_hi = _load_mxfp4(w_base, s_base, d, d_ok, c, c_ok, n_bytes)
-            y += tl.sum(w_lo * a_even[None, :] + w_hi * a_odd[None, :], axis=1)
-        y += tl.load(B2 + e * D + d, mask=d_ok, other=0.0).to(tl.float32)
-        out += tl.load(Weights + pair) * y
-    tl.store(Out + n * D + d, out.to(Out.dtype.element_ty), mask=d_ok)
+    e = tl.load(Experts + pair)
+    y = _mxfp4_gemv_rows(W2 + e * D * (n_groups * 16), S2 + e * D * n_groups, AP + pair * (n_groups * 16),
+                         d, d_ok, n_groups, X_DTYPE, BLOCK_R, BLOCK_G)
+    y += tl.load(B2 + e * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(Y + pair * D + d, tl.load(Weights + pair) * y, mask=d_ok)
+    counter = Counter + n * tl.num_programs(0) + tl.program_id(0)
+    if arrive(counter, TOP_K):
+        out = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            out += tl.load(Y + (n * TOP_K + j) * D + d, mask=d_ok, other=0.0, cache_modifier=".cg")
+        tl.store(Out + n * D + d, out.to(Out.dtype.element_ty), mask=d_ok)
+        reset(counter)
+
+
+GEMV1_ROWS, GEMV1_GROUPS = 64, 8     # 20b and 120b: 90 row blocks x 4 pairs = 360 programs
+GEMV2_ROWS, GEMV2_GROUPS = 32, 8     # 90 row blocks x 4 pairs = 360 programs
 
 
 # ---- prefill: grouped GEMMs over tiles of one expert ------------------------------------------
@@ -314,13 +402,18 @@ def moe(
     P = N * top_k
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)       # SwiGLU outputs, one row a pair
     if N <= DECODE_MAX_TOKENS:
-        _moe_gemv1[(P, triton.cdiv(F, 64))](
-            x, experts, w1_blocks, w1_scales, w1_bias, a, D, F, swiglu_limit,
-            TOP_K=top_k, BLOCK_F=64, BLOCK_C=64,
+        n_groups = D // 32
+        x_dt = _TL_DTYPES[x.dtype]
+        _moe_gemv1[(triton.cdiv(2 * F, GEMV1_ROWS), P)](
+            _as_pairs(x), experts, w1_blocks, w1_scales, w1_bias, a, F, n_groups, swiglu_limit,
+            TOP_K=top_k, X_DTYPE=x_dt, BLOCK_R=GEMV1_ROWS, BLOCK_G=GEMV1_GROUPS,
         )
-        _moe_gemv2[(N, triton.cdiv(D, 64))](
-            a, experts, weights, w2_blocks, w2_scales, w2_bias, out, D, F,
-            TOP_K=top_k, BLOCK_D=64, BLOCK_C=64,
+        y = torch.empty(P, D, dtype=torch.float32, device=x.device)   # weighted output of each pair
+        row_blocks = triton.cdiv(D, GEMV2_ROWS)
+        _moe_gemv2[(row_blocks, P)](
+            _as_pairs(a), experts, weights, w2_blocks, w2_scales, w2_bias, y, out,
+            counters(x.device, N * row_blocks), D, F // 32,
+            TOP_K=top_k, X_DTYPE=x_dt, BLOCK_R=GEMV2_ROWS, BLOCK_G=GEMV2_GROUPS,
         )
         return out
     # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers

@@ -8,7 +8,9 @@ the runtime uses (the gpt-oss-20b layer; decode and prefill): every launch compi
 cubin with Triton's bundled ptxas and stops there. Outputs are garbage and ignored.
 
 Run: ``python tests/kernels_compile_check.py [sm_90|sm_80] [--ptxas]`` (one JSON line per
-kernel specialisation: shared memory, and with ``--ptxas`` registers and spills from ``ptxas -v``).
+kernel specialisation: shared memory, and with ``--ptxas`` registers and spills from ``ptxas -v``
+and, for the MoE decode GEMVs, their weight loop from the SASS: instructions, global loads by
+width (``LDG.E.128`` is 16 bytes) and instructions per weight value per thread).
 Needs TRITON_INTERPRET unset or 0; ``test_kernels_compile.py`` runs it in a subprocess.
 """
 
@@ -64,10 +66,10 @@ def _compile_only(run):
 
 
 def _ptxas(kernel, arch: int) -> dict:
-    # Triton 3.9 emits PTX 9.x, which only its newer bundled ptxas (named -blackwell) reads
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = next(p for p in (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"))
-                 if os.path.exists(p))
+    # the ptxas Triton itself compiles with for this arch (3.9: the newer "-blackwell" one)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
@@ -80,13 +82,47 @@ def _ptxas(kernel, arch: int) -> dict:
             "spill_stores": int(spill.group(1)) if spill else None}
 
 
-def exercise(dtype: torch.dtype) -> None:
+def _sass_loop(kernel, values_per_iteration: int) -> dict:
+    """The innermost loop that loads weights, from the cubin's SASS (nvdisasm): instructions in
+    it, its global loads by width, and instructions per weight value per thread."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    out = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    lines, labels, loops = [], {}, []
+    for line in out.stdout.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(lines)
+            continue
+        ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if ins:
+            lines.append(ins.group(1))
+            back = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", ins.group(1))
+            if back and back.group(1) in labels:        # a backward branch closes a loop
+                loops.append(lines[labels[back.group(1)]:])
+    loops = [body for body in loops if any("LDG" in i for i in body)]
+    if not loops:
+        return {"sass_loop": None}
+    body = min(loops, key=len)
+    loads = [re.search(r"LDG\S*", i).group(0) for i in body if "LDG" in i]
+    threads = kernel.metadata.num_warps * 32
+    return {"sass_loop_instructions": len(body),
+            "sass_loop_loads": {w: loads.count(w) for w in sorted(set(loads))},
+            "sass_per_weight_value": round(len(body) / (values_per_iteration / threads), 2)}
+
+
+GEMVS = ("_moe_gemv1", "_moe_gemv2")
+
+
+def exercise(dtype: torch.dtype, n_experts: int = 32) -> None:
     """Call every kernel the way the 20b model does, in ``dtype``."""
     from gptoss_kernels import attention, moe, norm, rope
 
     from gptoss_cli import ops
 
-    D, F, E, H, K, dh, W, ctx = 2880, 2880, 32, 64, 8, 64, 128, 4096
+    D, F, E, H, K, dh, W, ctx = 2880, 2880, n_experts, 64, 8, 64, 128, 4096
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, dt=dtype):
@@ -125,6 +161,7 @@ def main(argv: list[str]) -> int:
     JITFunction.run = _compile_only(JITFunction.run)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         exercise(dtype)
+    exercise(torch.bfloat16, n_experts=128)              # gpt-oss-120b: 128 experts
     seen, bad = set(), 0
     for kern in COMPILED:
         if kern.hash in seen:
@@ -134,10 +171,12 @@ def main(argv: list[str]) -> int:
         consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in kern.src.constants.items()}
         row = {"kernel": kern.name, "arch": f"sm_{arch}",
                "dtype": next(t for t in kern.src.signature.values() if t.startswith("*")).lstrip("*"),
-               "constexprs": {k: v for k, v in consts.items() if isinstance(k, str) and k.isupper()},
+               "constexprs": {k: v if isinstance(v, (int, float, bool, str)) else str(v) for k, v in consts.items() if isinstance(k, str) and k.isupper()},
                "shared_bytes": kern.metadata.shared, "num_warps": kern.metadata.num_warps}
         if "--ptxas" in argv:
             row |= _ptxas(kern, arch)
+            if kern.name in GEMVS:
+                row |= _sass_loop(kern, consts["BLOCK_R"] * consts["BLOCK_G"] * 32)
         if kern.metadata.shared > SMEM_LIMIT[arch]:
             row["error"] = "shared memory over the limit"
             bad += 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from gptoss_kernels import moe
-from kernels_util import devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
+from gptoss_kernels import arrive
+from kernels_util import HAS_CUDA, devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -54,6 +55,49 @@ def test_moe(device, dtype, N, E, D, F, top_k):
     tri_y = moe.moe(*args)
     assert tri_y.shape == (N, D) and tri_y.dtype == dtype
     assert rel_err(tri_y, ref_y) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_moe_gemv_bf16(N):
+    """The decode GEMVs do no ``tl.dot``, so bf16 runs under the interpreter too."""
+    w = _weights(8, 96, 160, torch.bfloat16, "cuda" if HAS_CUDA else "cpu", seed=N)
+    x = torch.randn(N, 96, generator=torch.Generator().manual_seed(N)).to(w["w1_bias"].device, torch.bfloat16)
+    args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
+            w["w2_blocks"], w["w2_scales"], w["w2_bias"], 4, 7.0)
+    ref_y, tri_y = moe.moe_torch(*args), moe.moe(*args)
+    assert tri_y.dtype == torch.bfloat16 and rel_err(tri_y, ref_y) < 1e-2
+
+
+def test_moe_gemv_repeats_bit_for_bit():
+    """The last program of each row block sums the experts' rows and resets its counter: a second
+    call (a graph replay) gives the same bits, and every counter is back at zero."""
+    w = _weights(8, 96, 160, torch.float32, "cpu", seed=5)
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(5))
+    args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
+            w["w2_blocks"], w["w2_scales"], w["w2_bias"], 4, 7.0)
+    first = moe.moe(*args)
+    assert torch.equal(moe.moe(*args), first)
+    assert not arrive.counters(x.device, 1).any()
+
+
+@pytest.mark.parametrize("E", [8, 40])                 # one expert block a token, and several
+def test_route_nan_gives_valid_experts(E):
+    """A NaN in the router logits must not pick an expert id out of range (the GEMVs would read
+    past the weights): the ids stay k distinct experts, finite logits first."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(E))
+    w = torch.randn(E, 64, generator=torch.Generator().manual_seed(1)) / 8
+    b = torch.zeros(E)
+    w[2] = float("nan")                                # token rows: expert 2's logit is NaN
+    x[1] = float("nan")                                # token 1: every logit is NaN
+    weights, experts = moe.route(x, w, b, 4)
+    assert ((experts >= 0) & (experts < E)).all()
+    assert all(len(set(row)) == 4 for row in experts.tolist())
+    assert 2 not in experts[0].tolist() and 2 not in experts[2].tolist()
+    w_ref, b_ref = w.nan_to_num(0.0), b.clone()
+    b_ref[2] = float("-inf")                           # what the NaN must count as
+    ref_w, ref_e = moe.route_torch(x[[0, 2]], w_ref, b_ref, 4)
+    assert torch.equal(experts[[0, 2]], ref_e) and rel_err(weights[[0, 2]], ref_w) < 1e-5
+    assert not torch.isnan(weights).any()
 
 
 def test_tiles_cover_every_pair_once():
