@@ -4,9 +4,10 @@ A full layer keeps every position up to ``max_context``. A windowed layer keeps 
 ``sliding_window`` positions in a ring (slot = position mod window), so a 128k context costs it
 128 slots. Each layer cache has the same small interface:
 
-- ``slots_for(q_pos, start) -> (k_buf, v_buf, slots)``: where the new tokens (at positions
-  ``q_pos`` [T] = start .. start+T-1) must write their k and v (``buf[:, slots[t]]``); the
-  forward writes them there with RoPE applied (``ops.rope_store``), then
+- ``slots_for(q_pos, start) -> (k_buf, v_buf, slots, ring_pos)``: where the new tokens (at
+  positions ``q_pos`` [T] = start .. start+T-1) must write their k and v (``buf[:, slots[t]]``;
+  or, with ``ring_pos`` given, slot ``pos mod window`` and that table updated); the forward
+  writes them there with RoPE applied (``ops.rope_store``), then
 - ``attend(q_pos, start) -> (keys, values, key_positions)``: what the new queries attend over,
   with each slot's absolute position (-1: empty);
 - ``rewind(n)``: forget positions >= n;
@@ -33,13 +34,15 @@ from .config import ModelConfig
 class FullCache:
     """Every position of one full-attention layer: k, v [B, max_context, K, dh]."""
 
+    keys_by_position = True       # slot n holds position n (``ops.attention``)
+
     def __init__(self, batch: int, max_context: int, n_kv_heads: int, d_head: int, dtype, device):
         self.k = torch.zeros(batch, max_context, n_kv_heads, d_head, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.positions = torch.arange(max_context, device=device)
 
     def slots_for(self, q_pos: torch.Tensor, start):
-        return self.k, self.v, q_pos                      # slot = position
+        return self.k, self.v, q_pos, None                # slot = position
 
     def attend(self, q_pos: torch.Tensor, start):
         if isinstance(start, torch.Tensor):               # graph decode: the whole buffer
@@ -57,6 +60,8 @@ class FullCache:
 class RingCache:
     """The last ``window`` positions of one windowed layer: k, v [B, window, K, dh]."""
 
+    keys_by_position = False
+
     def __init__(self, batch: int, window: int, n_kv_heads: int, d_head: int, dtype, device):
         self.window = window
         self.k = torch.zeros(batch, window, n_kv_heads, d_head, dtype=dtype, device=device)
@@ -67,17 +72,15 @@ class RingCache:
 
     def slots_for(self, q_pos: torch.Tensor, start):
         T, W = q_pos.shape[0], self.window
-        if T == 1:                                        # one token: straight into its slot
-            slot = q_pos % W
-            self.pos.index_copy_(0, slot, q_pos)
-            return self.k, self.v, slot
+        if T == 1:                  # one token: straight into slot pos mod W (rope_store does it)
+            return self.k, self.v, None, self.pos
         # Several tokens: the queries need the old ring and all new keys, so they go after a
         # copy of the ring; ``attend`` then keeps the last W new ones in the ring.
         B, _, K, dh = self.k.shape
         keys = torch.cat((self.k, self.k.new_empty(B, T, K, dh)), dim=1)  # [B, W+T, K, dh]
         values = torch.cat((self.v, self.v.new_empty(B, T, K, dh)), dim=1)
         self._pending = (keys, values)
-        return keys, values, torch.arange(W, W + T, device=q_pos.device)
+        return keys, values, torch.arange(W, W + T, device=q_pos.device), None
 
     def attend(self, q_pos: torch.Tensor, start):
         T, W = q_pos.shape[0], self.window

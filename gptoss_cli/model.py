@@ -96,19 +96,19 @@ class Transformer:
         q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
         k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
         v = v.view(B, T, cfg.n_kv_heads, cfg.d_head)
-        k_buf, v_buf, slots = layer.slots_for(q_pos, start)
-        q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots)
+        k_buf, v_buf, slots, ring_pos = layer.slots_for(q_pos, start)
+        q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots, ring_pos)
         keys, values, k_pos = layer.attend(q_pos, start)
-        o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale)
+        o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale, layer.keys_by_position)
         return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
 
-    def mlp(self, b: Block, h: torch.Tensor) -> torch.Tensor:
-        """MoE sublayer on normed ``h`` [B, T, D]."""
+    def mlp(self, b: Block, h: torch.Tensor, routing) -> torch.Tensor:
+        """MoE sublayer on normed ``h`` [B, T, D], routed by ``routing`` (weights, experts)."""
         cfg = self.cfg
         y = ops.moe(
             h.reshape(-1, cfg.d_model), b.router_w, b.router_b, b.w1_blocks, b.w1_scales,
             b.w1_bias, b.w2_blocks, b.w2_scales, b.w2_bias, cfg.n_experts_per_token,
-            cfg.swiglu_limit,
+            cfg.swiglu_limit, routing=routing,
         )
         return y.view(h.shape)
 
@@ -129,11 +129,14 @@ class Transformer:
         q_pos = torch.arange(T, device=tokens.device) + start               # [T]
         x = self.embedding[tokens]                                           # [B, T, D]
         h = ops.rmsnorm(x, self.blocks[0].attn_norm, eps)
-        # pre-norm blocks, each residual add fused with the norm that follows it
+        # pre-norm blocks, each residual add fused with the norm that follows it (and the
+        # MoE's norm with its router)
         next_norms = [b.attn_norm for b in self.blocks[1:]] + [self.norm]
+        k = self.cfg.n_experts_per_token
         for b, layer, next_norm in zip(self.blocks, cache.layers, next_norms):
-            x, h = ops.add_rmsnorm(x, self.attention(b, h, layer, q_pos, start), b.mlp_norm, eps)
-            x, h = ops.add_rmsnorm(x, self.mlp(b, h), next_norm, eps)
+            x, h, routing = ops.add_rmsnorm_route(
+                x, self.attention(b, h, layer, q_pos, start), b.mlp_norm, eps, b.router_w, b.router_b, k)
+            x, h = ops.add_rmsnorm(x, self.mlp(b, h, routing), next_norm, eps)
         if not static:
             cache.length = start + T
         cache.dirty = False

@@ -167,21 +167,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @_kernel_op("rope", ("_rope_store_kernel",))
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
+    ring_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE on q and k at positions ``pos`` [T] (rows of the full cos/sin tables), with the rotated
     k and v stored in the cache: ``k_cache[:, slots[t]] = rope(k[:, t])``, same for v unrotated.
-    q [B, T, H, dh]; k, v [B, T, K, dh]; k_cache, v_cache [B, S, K, dh]. Returns rotated q."""
+    q [B, T, H, dh]; k, v [B, T, K, dh]; k_cache, v_cache [B, S, K, dh]. Returns rotated q.
+
+    ``ring_pos``: the [S] table of which position each slot of a ring cache holds. Given, the
+    slots are ``pos mod S`` (``slots`` is unused) and the table is updated with ``pos``: the ring
+    bookkeeping of a decode step rides in this launch instead of two of its own."""
+    if ring_pos is not None:
+        slots = pos % k_cache.shape[1]
+        ring_pos.index_copy_(0, slots, pos)
     c, s = cos[pos], sin[pos]                                                # [T, dh/2]
     k_cache.index_copy_(1, slots, apply_rope(k, c, s))
     v_cache.index_copy_(1, slots, v)
     return apply_rope(q, c, s)
 
 
-@_kernel_op("attention", ("_attn_fwd", "_attn_combine"))
+@_kernel_op("attention", ("_attn_fwd",))
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float, keys_by_position: bool = False,
 ) -> torch.Tensor:
     """Causal GQA attention with learned sinks and an optional sliding window.
 
@@ -189,6 +197,8 @@ def attention(
     positions of queries and cache slots (k_pos < 0: empty slot). A query at p sees keys at
     positions p-window+1 .. p (window 0: all of 0 .. p). Query head h reads kv head h // (H/K).
     The sink is one more logit per head in each row's softmax; it takes mass, adds no value.
+    ``keys_by_position``: a promise that slot n holds position n or a position past every query
+    (the full cache); kernels use it to skip the dead slots, the result is the same.
     Returns [B, T, H, dh] in q's dtype. Computed in float32, in chunks of queries.
     """
     B, T, H, dh = q.shape
@@ -231,19 +241,32 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     return torch.softmax(top.float(), dim=-1), experts
 
 
+@_kernel_op("moe", ("_add_rmsnorm_route_kernel", "_route_kernel", "_rmsnorm_kernel"))
+def add_rmsnorm_route(
+    x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+    router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
+):
+    """``add_rmsnorm`` then ``route`` of the normed rows: (x + delta, h, (weights, experts)),
+    h [..., D] and the routing of its rows [N, k]. One op so that a decode step can do the
+    residual add, the norm and the router in one launch."""
+    x, h = add_rmsnorm.reference(x, delta, scale, eps)
+    return x, h, route.reference(h.reshape(-1, h.shape[-1]), router_w, router_b, top_k)
+
+
 @_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"))
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
     w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
-    top_k: int, swiglu_limit: float,
+    top_k: int, swiglu_limit: float, *, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Top-k mixture of MXFP4 experts. x [N, D] -> [N, D] in x's dtype.
 
     Each expert in use is dequantized on its own (never all of them): W1 [2F, D] with the
     clamped SwiGLU after it, then W2 [D, F]; outputs are summed with the router weights.
+    ``routing``: (weights, experts) of ``route`` already computed for x (``add_rmsnorm_route``).
     """
-    weights, experts = route.reference(x, router_w, router_b, top_k)
+    weights, experts = routing if routing is not None else route.reference(x, router_w, router_b, top_k)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(experts).tolist():
         tok, slot = torch.nonzero(experts == e, as_tuple=True)

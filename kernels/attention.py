@@ -21,8 +21,13 @@ GQA: one program owns the ``G = H/K`` query heads that share a kv head, laid out
 1 token fill one tile).
 
 Decode (few rows, long cache): the keys are split into chunks, one program per chunk (split-K,
-"flash-decoding"), each leaving a partial (m, l, acc); ``_attn_combine`` merges them and adds
-the sink. Prefill uses a single split and normalises in place.
+"flash-decoding"), each leaving a partial (m, l, acc); the last program of a tile to finish
+merges them in split order and adds the sink (``arrive.py``: no second launch). When slot n holds
+position n (``keys_by_position``: the full cache) the number of splits is fixed (~256 programs)
+and each program sizes its chunk to the live keys 0 .. last query position, on the device: the
+CUDA-graph decode step attends over the whole preallocated buffer, and at 2k of a 128k context
+its programs still share 2k keys, not 128k. K and V of a block are loaded together. Prefill uses
+a single split and normalises in place.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ import triton.language as tl
 
 from gptoss_cli import ops
 
+from .arrive import arrive, counters, reset
+
 LOG2E = 1.4426950408889634  # log2(e): host side only; kernels inline the literal
 DECODE_SPLIT_KEYS = 256      # keys per split-K program when few query rows face many keys
 DECODE_MAX_ROWS = 64         # T*G up to this: the decode layout (split-K)
+DECODE_PROGRAMS = 256        # keys sorted by position: about this many programs (132 SMs, twice)
 
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Sinks, QPos, KPos, Out, MPart, LPart, AccPart,
+    Q, K, V, Sinks, QPos, KPos, Out, MPart, LPart, AccPart, Counter,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -48,7 +56,7 @@ def _attn_fwd(
     T, S, H, n_kv_heads, window, qk_scale, split_len,
     G: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, BY_POS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bk = tl.program_id(1)                  # batch * n_kv_heads + kv head
@@ -76,8 +84,15 @@ def _attn_fwd(
 
     qp_max = tl.max(qp, axis=0)
     qp_min = tl.min(tl.where(row_ok, qp, qp_max), axis=0)
+    if BY_POS:
+        # slot n holds position n: keys past the last query are never visible, so the splits
+        # share out the live keys 0 .. qp_max only (the grid is fixed: a CUDA graph replays it)
+        live = tl.minimum(qp_max + 1, S)
+        split_len = tl.cdiv(tl.cdiv(live, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    else:
+        live = S
     lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, S)
+    hi = tl.minimum(lo + split_len, live)
     k_base = K + b.to(tl.int64) * stride_kb + kh * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kh * stride_vh
     for n0 in range(lo, hi, BLOCK_N):
@@ -95,6 +110,7 @@ def _attn_fwd(
                 allowed = allowed & (kp[None, :] > qp[:, None] - window)
             kv_mask = (n[:, None] < hi) & d_ok[None, :]
             k = tl.load(k_base + n[:, None].to(tl.int64) * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -104,7 +120,6 @@ def _attn_fwd(
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vs + d[None, :], mask=kv_mask, other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -112,11 +127,21 @@ def _attn_fwd(
             m_i = m_new
 
     if SPLIT:
-        # partials [n_splits, B, T, H] (+ [dh]); the sink is added once, in _attn_combine
+        # partials [n_splits, B, T, H] (+ [dh]); the last split of this tile to finish merges them
+        n_splits = tl.num_programs(2)
+        rows_per_split = (tl.num_programs(1) // n_kv_heads) * T * H
         part = ((pid_s * (tl.num_programs(1) // n_kv_heads) + b) * T + t).to(tl.int64) * H + h
         tl.store(MPart + part, m_i, mask=row_ok)
         tl.store(LPart + part, l_i, mask=row_ok)
         tl.store(AccPart + part[:, None] * D_HEAD + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        counter = Counter + pid_bk * tl.num_programs(0) + pid_m
+        if arrive(counter, n_splits):
+            used = n_splits
+            if BY_POS:
+                used = tl.cdiv(live, split_len)                         # the splits that saw keys
+            _combine(MPart, LPart, AccPart, Out, part - pid_s * rows_per_split, rows_per_split, used, sink,
+                     b, t, h, row_ok, d, d_ok, stride_ob, stride_ot, stride_oh, D_HEAD)
+            reset(counter)
     else:
         l_i = l_i + tl.math.exp2(sink - m_i)
         o = acc / l_i[:, None]
@@ -126,33 +151,33 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_combine(
-    MPart, LPart, AccPart, Sinks, Out,
-    n_splits, n_rows, H,
-    D_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-):
-    """Merge the split-K partials of one (batch, token, head) row and add its sink."""
-    row = tl.program_id(0)                   # (b * T + t) * H + h
-    h = row % H
-    sp = tl.arange(0, BLOCK_SPLITS)
-    sp_ok = sp < n_splits
-    idx = sp.to(tl.int64) * n_rows + row
-    m = tl.load(MPart + idx, mask=sp_ok, other=float("-inf"))
-    l_s = tl.load(LPart + idx, mask=sp_ok, other=0.0)
-    sink = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
-    m_all = tl.maximum(tl.max(m, axis=0), sink)
-    w = tl.math.exp2(m - m_all)                                   # 0 for the padding splits
-    l_all = tl.sum(l_s * w, axis=0) + tl.math.exp2(sink - m_all)
-    d = tl.arange(0, BLOCK_D)
-    acc = tl.load(AccPart + idx[:, None] * D_HEAD + d[None, :],
-                  mask=sp_ok[:, None] & (d[None, :] < D_HEAD), other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / l_all
-    tl.store(Out + row.to(tl.int64) * D_HEAD + d, o.to(Out.dtype.element_ty), mask=d < D_HEAD)
+def _combine(MPart, LPart, AccPart, Out, part0, rows_per_split, n_used, sink, b, t, h, row_ok, d, d_ok,
+             stride_ob, stride_ot, stride_oh, D_HEAD: tl.constexpr):
+    """Merge the partials (m, l, acc) of splits 0 .. n_used-1 for the rows of one tile, in split
+    order (an online softmax over splits), add the sink's mass and store the output rows."""
+    m_run = sink
+    l_run = tl.zeros_like(sink)
+    acc = tl.zeros([sink.shape[0], d.shape[0]], dtype=tl.float32)
+    for sp in range(0, n_used):
+        idx = part0 + sp * rows_per_split
+        m_s = tl.load(MPart + idx, mask=row_ok, other=0.0, cache_modifier=".cg")
+        l_s = tl.load(LPart + idx, mask=row_ok, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(AccPart + idx[:, None] * D_HEAD + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                      other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m_s)
+        old, new = tl.math.exp2(m_run - m_new), tl.math.exp2(m_s - m_new)
+        l_run = l_run * old + l_s * new
+        acc = acc * old[:, None] + a_s * new[:, None]
+        m_run = m_new
+    o = acc / (l_run + tl.math.exp2(sink - m_run))[:, None]
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + t[:, None].to(tl.int64) * stride_ot
+              + h[:, None] * stride_oh + d[None, :])
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float, keys_by_position: bool = False,
 ) -> torch.Tensor:
     """Same contract as ``gptoss_cli.ops.attention``: q [B, T, H, dh]; k, v [B, S, K, dh] (any
     strides with a unit last dimension); sinks [H] float32; q_pos [T], k_pos [S] int. Returns
@@ -165,13 +190,15 @@ def attention(
     rows = T * G
     # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
     big = 32 if q.dtype == torch.float32 else 64
+    block_n = big if S >= big else max(16, triton.next_power_of_2(S))
     if rows <= DECODE_MAX_ROWS:
         block_m = max(16, triton.next_power_of_2(rows))
         n_splits = max(1, triton.cdiv(S, DECODE_SPLIT_KEYS))
+        if keys_by_position:   # a fixed number of splits, each sized to the live keys in-kernel
+            n_splits = max(1, min(triton.cdiv(S, block_n), DECODE_PROGRAMS // (B * K * triton.cdiv(rows, block_m))))
     else:
         block_m, n_splits = big, 1
     split_len = triton.cdiv(S, n_splits) if S else 0
-    block_n = big if S >= big else max(16, triton.next_power_of_2(S))
     split_len = triton.cdiv(split_len, block_n) * block_n
     n_splits = max(1, triton.cdiv(S, split_len)) if S else 1
     if n_splits > 1:
@@ -182,21 +209,15 @@ def attention(
         m_part = l_part = acc_part = out       # unused
     grid = (triton.cdiv(rows, block_m), B * K, n_splits)
     _attn_fwd[grid](
-        q, k, v, sinks, q_pos, k_pos, out, m_part, l_part, acc_part,
+        q, k, v, sinks, q_pos, k_pos, out, m_part, l_part, acc_part, counters(q.device, grid[0] * grid[1]),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         T, S, H, K, window, scale * LOG2E, split_len,
         G=G, D_HEAD=dh, BLOCK_D=triton.next_power_of_2(dh), BLOCK_M=block_m, BLOCK_N=block_n,
-        SPLIT=n_splits > 1, IEEE=q.dtype == torch.float32,
+        SPLIT=n_splits > 1, IEEE=q.dtype == torch.float32, BY_POS=keys_by_position,
     )
-    if n_splits > 1:
-        _attn_combine[(B * T * H,)](
-            m_part, l_part, acc_part, sinks, out, n_splits, B * T * H, H,
-            D_HEAD=dh, BLOCK_D=triton.next_power_of_2(dh),
-            BLOCK_SPLITS=triton.next_power_of_2(n_splits),
-        )
     return out
 
 

@@ -97,13 +97,29 @@ def _top_k_softmax(logits, e, E, Weights, Experts, TOP_K: tl.constexpr, BLOCK_K:
 
 
 @triton.jit
+def _route_tail(logits, e, n, Logits, Weights, Experts, Counter, E,
+                TOP_K: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_K: tl.constexpr, SPREAD: tl.constexpr):
+    """This program's fp32 logits (experts ``e``) -> the token's top-k, directly when the program
+    holds all of them, else (``SPREAD``) stored, and the last expert block to finish takes it."""
+    if SPREAD:
+        tl.store(Logits + n * E + e, logits, mask=e < E)
+        if arrive(Counter + n, tl.num_programs(1)):
+            e_all = tl.arange(0, BLOCK_ALL)
+            all_logits = tl.load(Logits + n * E + e_all, mask=e_all < E, other=float("-inf"), cache_modifier=".cg")
+            _top_k_softmax(all_logits, e_all, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
+            reset(Counter + n)
+    else:
+        _top_k_softmax(logits, e, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
+
+
+@triton.jit
 def _route_kernel(
     X, W, Bias, Logits, Weights, Experts, Counter, D, E,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SPREAD: tl.constexpr,
 ):
-    """Router logits of one token for ``BLOCK_E`` experts (grid: tokens x expert blocks); with
-    ``SPREAD`` the last block of a token to finish takes the top-k over all of its logits."""
+    """Router logits of one token for ``BLOCK_E`` experts (grid: tokens x expert blocks), then
+    ``_route_tail``."""
     n = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -115,19 +131,47 @@ def _route_kernel(
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     b = tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)
     logits = (acc + b).to(X.dtype.element_ty).to(tl.float32)       # the reference's linear rounds
-    if SPREAD:
-        tl.store(Logits + n * E + e, logits, mask=e_ok)
-        if arrive(Counter + n, tl.num_programs(1)):
-            e_all = tl.arange(0, BLOCK_ALL)
-            all_logits = tl.load(Logits + n * E + e_all, mask=e_all < E, other=float("-inf"), cache_modifier=".cg")
-            _top_k_softmax(all_logits, e_all, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
-            reset(Counter + n)
-    else:
-        _top_k_softmax(logits, e, E, Weights + n * TOP_K, Experts + n * TOP_K, TOP_K, BLOCK_K)
+    _route_tail(logits, e, n, Logits, Weights, Experts, Counter, E, TOP_K, BLOCK_ALL, BLOCK_K, SPREAD)
+
+
+@triton.jit
+def _add_rmsnorm_route_kernel(
+    X, Delta, Scale, Sum, Y, W, Bias, Logits, Weights, Experts, Counter, D, E, eps,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The residual add, the MoE's RMSNorm and the router of one token in one launch (grid:
+    tokens x expert blocks). Every program recomputes the norm of the row (2880 values, from L2:
+    cheaper than a launch) and block 0 stores it; then each program takes its experts' logits."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X + n * D + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(Delta + n * D + cols, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(Sum.dtype.element_ty)                                   # the unfused path stores x + delta
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    y = (xf * rstd * tl.load(Scale + cols, mask=mask, other=0.0)).to(Y.dtype.element_ty)
+    if tl.program_id(1) == 0:
+        tl.store(Sum + n * D + cols, x, mask=mask)
+        tl.store(Y + n * D + cols, y, mask=mask)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    w = tl.load(W + e[:, None] * D + cols[None, :], mask=e_ok[:, None] & mask[None, :], other=0.0)
+    acc = tl.sum(w.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+    logits = (acc + tl.load(Bias + e, mask=e_ok, other=0.0).to(tl.float32)).to(Y.dtype.element_ty).to(tl.float32)
+    _route_tail(logits, e, n, Logits, Weights, Experts, Counter, E, TOP_K, BLOCK_ALL, BLOCK_K, True)
 
 
 ROUTE_SPREAD_TOKENS = 64     # up to this many tokens, each token's router runs on several programs
 ROUTE_EXPERTS_PER_PROGRAM = 4
+
+
+def _routing_buffers(N: int, E: int, top_k: int, device):
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=device)
+    experts = torch.empty(N, top_k, dtype=torch.int64, device=device)
+    logits = torch.empty(N, E, dtype=torch.float32, device=device)
+    return weights, experts, logits
 
 
 def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
@@ -137,12 +181,10 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     of one program reading all of them in turn; prefill has tokens enough to fill the GPU."""
     N, D = x.shape
     E = router_w.shape[0]
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
-    experts = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    weights, experts, logits = _routing_buffers(N, E, top_k, x.device)
     if N:
         spread = N <= ROUTE_SPREAD_TOKENS
         block_e = ROUTE_EXPERTS_PER_PROGRAM if spread else triton.next_power_of_2(E)
-        logits = torch.empty(N, E, dtype=torch.float32, device=x.device) if spread else weights
         _route_kernel[(N, triton.cdiv(E, block_e))](
             x.contiguous(), router_w.contiguous(), router_b, logits, weights, experts,
             counters(x.device, N), D, E,
@@ -151,6 +193,30 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
             BLOCK_K=triton.next_power_of_2(top_k), SPREAD=spread,
         )
     return weights, experts
+
+
+def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+                      router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
+    """Same contract as ``gptoss_cli.ops.add_rmsnorm_route``; one launch at decode sizes."""
+    D = x.shape[-1]
+    N = x.numel() // D
+    if N > ROUTE_SPREAD_TOKENS:
+        from .norm import add_rmsnorm
+
+        x, h = add_rmsnorm(x, delta, scale, eps)
+        return x, h, route(h.reshape(N, D), router_w, router_b, top_k)
+    E = router_w.shape[0]
+    x2, d2 = x.reshape(N, D).contiguous(), delta.reshape(N, D).contiguous()     # [N, D]
+    total, h = torch.empty_like(x2), torch.empty_like(x2)
+    weights, experts, logits = _routing_buffers(N, E, top_k, x.device)
+    if N:
+        _add_rmsnorm_route_kernel[(N, triton.cdiv(E, ROUTE_EXPERTS_PER_PROGRAM))](
+            x2, d2, scale.contiguous(), total, h, router_w.contiguous(), router_b, logits, weights,
+            experts, counters(x.device, N), D, E, eps,
+            TOP_K=top_k, BLOCK_E=ROUTE_EXPERTS_PER_PROGRAM, BLOCK_ALL=triton.next_power_of_2(E),
+            BLOCK_D=triton.next_power_of_2(D), BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return total.view(x.shape), h.view(x.shape), (weights, experts)
 
 
 # ---- decode: GEMVs over the chosen experts ----------------------------------------------------
@@ -388,14 +454,14 @@ def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
     w2_blocks: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor,
-    top_k: int, swiglu_limit: float,
+    top_k: int, swiglu_limit: float, *, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as ``gptoss_cli.ops.moe``: x [N, D] -> [N, D] in x's dtype."""
     N, D = x.shape
     E, F2 = w1_blocks.shape[0], w1_blocks.shape[1]
     F = F2 // 2
     x = x.contiguous()
-    weights, experts = route(x, router_w, router_b, top_k)
+    weights, experts = routing if routing is not None else route(x, router_w, router_b, top_k)
     out = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0:
         return out
@@ -434,4 +500,5 @@ def moe(
 
 
 route_torch = ops.route.reference
+add_rmsnorm_route_torch = ops.add_rmsnorm_route.reference
 moe_torch = ops.moe.reference

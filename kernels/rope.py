@@ -7,7 +7,9 @@ attention, and its k is rotated and stored in the cache together with v. One pro
 reads that token's cos/sin row by its position (a device tensor, so the same launch serves the
 CUDA-graph decode step at any position), rotates all its q and k heads in float32, and stores
 q for attention and k, v straight into their cache slots: the rotated k never makes a round trip
-through memory before it reaches the cache.
+through memory before it reaches the cache. For a ring cache at decode the kernel also works out
+the slot (position mod window) and records the position in the ring's table, so the decode step
+spends no launches on ring bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from gptoss_cli import ops
 
 @triton.jit
 def _rope_store_kernel(
-    Q, K, V, Cos, Sin, Pos, Slots, QOut, KCache, VCache,
+    Q, K, V, Cos, Sin, Pos, Slots, RingPos, QOut, KCache, VCache,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch,
     stride_db, stride_ds, stride_dh,
-    T, n_heads, n_kv_heads,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    T, n_heads, n_kv_heads, n_slots,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, RING: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
@@ -51,7 +53,12 @@ def _rope_store_kernel(
     tl.store(dst + HALF, (x2 * c + x1 * s).to(QOut.dtype.element_ty), mask=m)
 
     # k (rotated) and v (as is): [n_kv_heads, dh] -> cache slot
-    slot = tl.load(Slots + t).to(tl.int64)
+    if RING:                          # slot = pos mod S, and the ring's table records pos
+        slot = pos % n_slots
+        if b == 0:
+            tl.store(RingPos + slot, pos)
+    else:
+        slot = tl.load(Slots + t).to(tl.int64)
     m = (hh[:, None] < n_kv_heads) & i_ok[None, :]
     src = K + b * stride_kb + t * stride_kt + hh[:, None] * stride_kh + i[None, :]
     x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
@@ -67,27 +74,29 @@ def _rope_store_kernel(
 
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
+    ring_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``gptoss_cli.ops.rope_store``: q [B, T, H, dh], k, v [B, T, K, dh] (views
     into the qkv projection are fine); cos/sin [n_positions, dh/2] float32; pos, slots [T];
-    k_cache, v_cache [B, S, K, dh]. Returns rotated q [B, T, H, dh]."""
+    k_cache, v_cache [B, S, K, dh]; ring_pos [S] or None. Returns rotated q [B, T, H, dh]."""
     B, T, H, dh = q.shape
     K = k.shape[2]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
     out = torch.empty(B, T, H, dh, dtype=q.dtype, device=q.device)
     if B * T:
         _rope_store_kernel[(B * T,)](
-            q, k, v, cos.contiguous(), sin.contiguous(), pos, slots, out, k_cache, v_cache,
+            q, k, v, cos.contiguous(), sin.contiguous(), pos, pos if slots is None else slots,
+            pos if ring_pos is None else ring_pos, out, k_cache, v_cache,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            T, H, K,
+            T, H, K, k_cache.shape[1],
             HALF=dh // 2, BLOCK_HALF=triton.next_power_of_2(dh // 2),
-            BLOCK_H=triton.next_power_of_2(max(H, K)),
+            BLOCK_H=triton.next_power_of_2(max(H, K)), RING=ring_pos is not None,
         )
     return out
 

@@ -70,9 +70,12 @@ def test_attention(device, dtype, layout, T, start, window, ring, n_heads, n_kv_
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
 @pytest.mark.parametrize("window", [0, 16])
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 3)])
-def test_attention_split_keys(device, dtype, window, B, T, monkeypatch):
-    """Decode-sized calls with the keys split over several programs, merged by _attn_combine
-    (batch > 1 and several query tokens too: the partials are indexed by both)."""
+@pytest.mark.parametrize("by_pos", [False, True])
+def test_attention_split_keys(device, dtype, window, B, T, by_pos, monkeypatch):
+    """Decode-sized calls with the keys split over several programs, merged by the last one to
+    finish (batch > 1 and several query tokens too: the partials are indexed by both); with
+    ``keys_by_position`` the splits share out only the live keys (the rest of the buffer is
+    stale, as in the CUDA-graph step). Twice each: the counters must be back at zero."""
     monkeypatch.setattr(attn, "DECODE_SPLIT_KEYS", 16)
     g = torch.Generator().manual_seed(window + B * 10 + T)
     S, H, K, dh = 75, 8, 2, 16
@@ -82,8 +85,10 @@ def test_attention_split_keys(device, dtype, window, B, T, monkeypatch):
     sinks = torch.randn(H, generator=g).to(device)
     for p in (0, 31, 60):
         q_pos = torch.arange(p, p + T, device=device)
-        args = (q, k, v, sinks, q_pos, torch.arange(S, device=device), window, 0.25)
-        assert rel_err(attn.attention(*args), attn.attention_torch(*args)) < (2e-5 if dtype == torch.float32 else 1e-2)
+        args = (q, k, v, sinks, q_pos, torch.arange(S, device=device), window, 0.25, by_pos)
+        ref_o, tri_o = attn.attention_torch(*args), attn.attention(*args)
+        assert rel_err(tri_o, ref_o) < (2e-5 if dtype == torch.float32 else 1e-2)
+        assert torch.equal(attn.attention(*args), tri_o)
 
 
 def test_attention_strided_q(monkeypatch):

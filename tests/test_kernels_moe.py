@@ -57,6 +57,20 @@ def test_moe(device, dtype, N, E, D, F, top_k):
     assert rel_err(tri_y, ref_y) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
+@pytest.mark.parametrize("N,E", [(1, 8), (3, 40), (70, 5)])      # fused (decode), and not (prefill)
+def test_add_rmsnorm_route(device, dtype, N, E):
+    w = _weights(E, 96, 32, dtype, device, seed=N + E)
+    g = torch.Generator().manual_seed(N)
+    x, delta = (torch.randn(N, 96, generator=g).to(device, dtype) for _ in range(2))
+    scale = (1 + 0.1 * torch.randn(96, generator=g)).to(device)
+    args = (x, delta, scale, 1e-5, w["router_w"], w["router_b"], 4 if E > 4 else 2)
+    ref_x, ref_h, (ref_w, ref_e) = moe.add_rmsnorm_route_torch(*args)
+    tri_x, tri_h, (tri_w, tri_e) = moe.add_rmsnorm_route(*args)
+    assert torch.equal(tri_x, ref_x) and rel_err(tri_h, ref_h) < (1e-6 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(tri_e, ref_e) and rel_err(tri_w, ref_w) < 1e-5
+
+
 @pytest.mark.parametrize("N", [1, 3])
 def test_moe_gemv_bf16(N):
     """The decode GEMVs do no ``tl.dot``, so bf16 runs under the interpreter too."""

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("poison_allocations")
     (1, 1, 77, 64, 8, 64, "ring"),    # decode into a ring slot (gpt-oss head shape)
     (2, 21, 5, 4, 2, 16, "full"),     # prompt extending a prefix
     (1, 9, 40, 6, 3, 24, "ring"),     # 6 heads, dh/2 = 12: not powers of 2
+    (2, 1, 77, 4, 2, 16, "ring_pos"),  # decode: the kernel finds the slot, updates the table
 ])
 def test_rope_store(device, dtype, B, T, start, n_heads, n_kv_heads, d_head, slots):
     g = torch.Generator().manual_seed(T + start)
@@ -32,12 +33,18 @@ def test_rope_store(device, dtype, B, T, start, n_heads, n_kv_heads, d_head, slo
     pos = torch.arange(start, start + T, device=device)
     S = 128 if slots == "full" else 16
     slot = pos if slots == "full" else torch.randperm(S, generator=g)[:T].to(device)
+    ref_table = tri_table = None
+    if slots == "ring_pos":
+        slot, ref_table = None, torch.randint(-1, 50, (S,), generator=g).to(device)
+        tri_table = ref_table.clone()
     # both caches start from the same random contents: slots not written must stay untouched
     cache0 = torch.randn(2, B, S, n_kv_heads, d_head, generator=g).to(device, dtype)
     ref_kc, ref_vc = cache0.clone()
     tri_kc, tri_vc = cache0.clone()
-    ref_q = rope.rope_store_torch(q, k, v, cos, sin, pos, ref_kc, ref_vc, slot)
-    tri_q = rope.rope_store(q, k, v, cos, sin, pos, tri_kc, tri_vc, slot)
+    ref_q = rope.rope_store_torch(q, k, v, cos, sin, pos, ref_kc, ref_vc, slot, ref_table)
+    tri_q = rope.rope_store(q, k, v, cos, sin, pos, tri_kc, tri_vc, slot, tri_table)
+    if ref_table is not None:
+        assert torch.equal(tri_table, ref_table) and ref_table[77 % S] == 77
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     assert rel_err(tri_q, ref_q) < tol
     assert rel_err(tri_kc, ref_kc) < tol
