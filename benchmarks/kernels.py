@@ -56,6 +56,9 @@ def cases(dtype: torch.dtype, dev: str):
         pos = torch.arange(T, device=dev) + 2048
         yield (f"rope_store T={T}", rope.rope_store, ops.rope_store.reference,
                (q, k, v, cos, sin, pos, cache_k, cache_v, pos), 2 * T * (H + 2 * K) * dh * esz, 0)
+        if T == 1:
+            yield ("add_rmsnorm_route T=1", moe.add_rmsnorm_route, ops.add_rmsnorm_route.reference,
+                   (x, rnd(T, D), rnd(D, dt=torch.float32), 1e-5, w[0], w[1], 4), (4 * D + E * D) * esz, 2 * E * D)
         N = min(T, 2048)
         yield (f"moe N={N}", moe.moe, ops.moe.reference, (x,) + w + (4, 7.0),
                (min(E, 4 * N) * expert_bytes), 2 * N * 4 * 3 * F * D)
@@ -71,7 +74,7 @@ def cases(dtype: torch.dtype, dev: str):
         k_pos = torch.arange(S, device=dev)
         seen = min(S, ctx) if not window else min(window, S)
         yield (f"attention {name}", attention.attention, ops.attention.reference,
-               (q, kk, vv, sinks, q_pos, k_pos, window, dh ** -0.5),
+               (q, kk, vv, sinks, q_pos, k_pos, window, dh ** -0.5, not window),   # full: keys by position
                2 * seen * K * dh * esz, 4 * T * H * dh * (seen if T == 1 else (seen / 2 if not window else window)))
 
 

@@ -22,11 +22,12 @@ Honesty: every timed interval starts and ends with a device synchronisation (a s
 what it takes until its token exists, as in a generator that streams tokens); ``--warmup`` runs
 per configuration (compilation, autotuning, allocator growth) are run identically and not
 counted; ``--repeat`` counted runs give mean, standard deviation (Bessel-corrected, as
-llama-bench) and median of each figure. All configurations, batch 1 included, drive
-``Transformer.forward`` with B aligned streams of random token ids, the same way. The path that
-ran (``system``: ops/kernels, cuda_graph) is what this loop used: the batched loop calls the model
-eagerly, so when the engine reports a CUDA-graph decode step of its own, ``cuda_graph`` here
-stays false and ``engine_cuda_graph`` says what the engine has.
+llama-bench) and median of each figure. All configurations prefill through ``Transformer.forward``
+with B aligned streams of random token ids, the same way. The path that
+ran (``system``: ops/kernels, cuda_graph) is what this loop used: at batch 1, when the engine has
+its static decode step (CUDA with the kernels), the decode runs through it, CUDA graph included,
+exactly as ``gptoss chat`` decodes; the batched loop (B > 1) calls the model eagerly.
+``decode_path`` in each configuration says which; ``engine_cuda_graph`` what the engine has.
 
 Bandwidth (``bandwidth_gbps``) is measured in the same run on the same device: the best of a few
 copies of a large buffer (1 GiB device-to-device on GPU, 256 MiB memcpy on CPU), counting the bytes
@@ -111,7 +112,7 @@ import torch
 
 from . import benchstats
 from .config import PRESETS, ModelConfig, preset
-from .engine import PREFILL_CHUNK, Engine, memory_stats, pick_device, pick_dtype
+from .engine import PREFILL_CHUNK, DecodeStep, Engine, memory_stats, pick_device, pick_dtype
 from .errors import GptossError
 
 SCHEMA = "gptoss-bench/1"
@@ -342,9 +343,11 @@ def _system(engine: Engine, opts: Options) -> tuple[dict, list[str]]:
     warnings = []
     if info.get("cuda_graph"):
         info["engine_cuda_graph"] = info["cuda_graph"]
-        warnings.append("the engine has a CUDA-graph decode step, but bench drives "
-                        "Transformer.forward eagerly for B streams: the figures are without the graph")
-    info["cuda_graph"] = False
+        if engine._decoder is None or any(b > 1 for b in opts.batch):
+            warnings.append("the engine has a CUDA-graph decode step, but bench drives "
+                            "Transformer.forward eagerly for B streams: the figures are without the graph"
+                            + (" (batch 1 decodes through the graph: see decode_path)" if engine._decoder else ""))
+    info["cuda_graph"] = engine._decoder is not None and engine._decoder.use_graph and 1 in opts.batch
     if opts.graph and engine.device.type == "cuda" and "engine_cuda_graph" not in info:
         warnings.append("--graph: this build has no CUDA-graph decode step; the decode step ran eagerly")
     info.setdefault("driver", None)
@@ -440,8 +443,9 @@ def _prefill(model, cache, tokens: torch.Tensor, start: int) -> torch.Tensor:
     return h
 
 
-def _one_run(engine: Engine, cache, prompt: torch.Tensor, depth: int, gen: int, snap) -> dict:
-    """One timed run: restore the depth, prefill, first token, G-1 decode steps."""
+def _one_run(engine: Engine, cache, prompt: torch.Tensor, depth: int, gen: int, snap, step=None) -> dict:
+    """One timed run: restore the depth, prefill, first token, G-1 decode steps (through ``step``,
+    the engine's ``DecodeStep``, when given: what ``gptoss chat`` runs at batch 1)."""
     model, dev = engine.model, engine.device
     t_run = time.perf_counter()
     cache.restore(snap) if snap is not None else cache.reset()
@@ -456,8 +460,11 @@ def _one_run(engine: Engine, cache, prompt: torch.Tensor, depth: int, gen: int, 
     t2 = prev = time.perf_counter()
     steps = []
     for pos in range(depth + P, depth + P + gen - 1):
-        h = model.forward(nxt, cache, pos)                                           # [B, 1, D]
-        nxt = model.logits(h[:, -1]).argmax(-1, keepdim=True)                        # [B, 1]
+        if step is not None:                                                         # B = 1
+            nxt = step(int(nxt), pos).argmax(-1).view(1, 1)
+        else:
+            h = model.forward(nxt, cache, pos)                                       # [B, 1, D]
+            nxt = model.logits(h[:, -1]).argmax(-1, keepdim=True)                    # [B, 1]
         _sync(dev)
         now = time.perf_counter()
         steps.append(now - prev)
@@ -481,9 +488,11 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
         timing["fill_s"] += time.perf_counter() - t
     prompt = _tokens(B, P, cfg.vocab_size, opts.seed, dev)
     label = f"prompt {P}, batch {B}, depth {depth}"
+    # batch 1 decodes through the engine's static step (CUDA graph) when it has one, as chat does
+    step = DecodeStep(engine.model, cache, engine._decoder.use_graph) if B == 1 and engine._decoder else None
     for i in range(opts.warmup):
         bar.step(f"{label}: warm-up {i + 1}/{opts.warmup}")
-        timing["warmup_s"] += _one_run(engine, cache, prompt, depth, G, snap)["wall_s"]
+        timing["warmup_s"] += _one_run(engine, cache, prompt, depth, G, snap, step)["wall_s"]
     contexts = range(depth + P + 1, depth + P + G)     # positions attended by each decode step
     bpt = sum(bytes_per_token(cfg, c, engine.dtype, B) for c in contexts) / len(contexts)
     runs, figs = [], {f.key: [] for f in benchstats.FIGURES}
@@ -491,7 +500,7 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
     for i in range(opts.repeat):
         bar.step(f"{label}: run {i + 1}/{opts.repeat}")
         windowed = _reset_peak(dev)
-        r = _one_run(engine, cache, prompt, depth, G, snap)
+        r = _one_run(engine, cache, prompt, depth, G, snap, step)
         peak, mem = _peak(dev, windowed)
         steps = r.pop("step_s")
         decode_tok_s = B * r["decode_steps"] / r["decode_s"]
@@ -506,10 +515,12 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
         runs.append(r)
         timing["runs_s"] += r["wall_s"]
         timing["measured_s"] += r["ttft_s"] + r["decode_s"]
-    del cache, snap
+    path = f"DecodeStep, CUDA graph {'on' if step.use_graph else 'off'}" if step else BENCH_PATH
+    del cache, snap, step
     if dev.type == "cuda":
         torch.cuda.empty_cache()                      # the next configuration's peak starts clean
     return {"prompt_len": P, "batch": B, "context_depth": depth, "gen_tokens": G,
             "decode_context": [contexts[0], contexts[-1]], "bytes_per_token": bpt,
+            "decode_path": path,
             **{k: benchstats.summarize(v) for k, v in figs.items()},
             "memory": mem, "runs": runs}

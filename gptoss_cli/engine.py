@@ -26,10 +26,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from . import ops
 from .cache import RingSnapshot
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from . import ops
 from .errors import ContextFullError, GptossError
 from .model import Transformer
 
@@ -197,6 +197,21 @@ class Engine:
         cfg = cfg.replace(random_weights=True)
         tensors = random_tensors(cfg, device=dev, dtype=dt, seed=seed)
         return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)), cuda_graph=cuda_graph)
+
+    def warmup(self) -> None:
+        """Compile the kernels and capture the decode step's CUDA graph now, so that the first
+        reply's timings are the model's and not Triton's compiler (``load_engine`` calls this
+        behind its spinner). It runs two short prompts (token counts that are and are not a
+        multiple of 16, which Triton specialises on; each with its 8-token snapshot tail) and a
+        few decode steps, then forgets them. Without the static decode step (CPU, or the
+        reference ops) nothing is compiled and it returns at once."""
+        if self._decoder is None:
+            return
+        for n in (16 + SNAPSHOT_TAIL, 13 + SNAPSHOT_TAIL):
+            for _ in self.generate(list(range(1, n + 1)), max_new_tokens=3, temperature=0):
+                pass
+        self._reset()
+        self.last_stats = GenerationStats()
 
     @property
     def tokenizer(self):

@@ -27,6 +27,7 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
     with err.status(f"Loading {escape(model)} from {escape(str(folder))}…", spinner="dots"):
         engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
         engine.tokenizer  # build the tokenizer now, not at the first prompt
+        engine.warmup()   # compile the kernels, capture the decode graph (GPU; nothing on CPU)
     if not quiet:
         info = engine.runtime_info()
         err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {info['ops']} · context {context:,}", style="dim"), soft_wrap=True)

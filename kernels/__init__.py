@@ -6,8 +6,10 @@ its PyTorch reference in ``gptoss_cli.ops``, and that reference as ``<op>_torch`
 - ``norm``: RMSNorm, and the residual add fused with it (``add_rmsnorm``);
 - ``rope``: RoPE on q and k fused with the write of k, v into the KV cache (``rope_store``);
 - ``attention``: causal GQA flash attention with sinks and a sliding window, split-K for decode;
-- ``moe``: router top-k, MXFP4 expert GEMVs (decode) and grouped GEMMs (prefill), dequantising
-  in registers.
+- ``moe``: router top-k (alone, or fused with the residual add and norm), MXFP4 expert GEMVs
+  (decode) and grouped GEMMs (prefill), dequantising in registers;
+- ``arrive``: the per-device counters with which the last program of a split piece of work
+  combines the parts (router, expert sum, split-K attention) in the same launch.
 
 ``gptoss_cli.ops`` picks the kernel on CUDA and the reference elsewhere (``GPTOSS_KERNELS``
 overrides). Triton is imported here at module import: import these modules only where triton is

@@ -10,11 +10,20 @@ The expert MLP of gpt-oss: ``h = W1 x + b1`` (rows interleaved: even = gate, odd
 ``router_weight * y``. The kernels fuse it as follows:
 
 - ``_route_kernel``: router logits (fp32 accumulate, rounded to the activation dtype as the
-  reference's linear is), top-k by repeated argmax (ties: lowest expert), softmax over the k;
-- decode, a handful of tokens (memory-bound GEMVs over the chosen experts only):
-  ``_moe_gemv1`` computes the gate and linear rows of one (token, expert) pair and applies the
-  SwiGLU as its epilogue; ``_moe_gemv2`` loops over a token's k experts, adds b2, scales by the
-  router weight and accumulates them in registers before one store of the output row;
+  reference's linear is), spread over programs of 4 experts at decode sizes, the last of a
+  token's programs taking the top-k by repeated argmax (ties: lowest expert; NaN never wins and
+  the ids are always k distinct experts) and the softmax over the k. ``_add_rmsnorm_route_kernel``
+  does the same after the residual add and the MoE's RMSNorm, in one launch (``arrive.py``);
+- decode, a handful of tokens (memory-bound GEMVs over the chosen experts only, grid: blocks of
+  rows x (token, slot) pairs, 360 programs for 20b and 120b alike): ``_moe_gemv1`` reads the
+  gate and linear rows of 32 outputs as one contiguous 64-row tile and applies the SwiGLU as its
+  epilogue; ``_moe_gemv2`` writes each pair's router-weighted ``W2 a + b2`` rows, and the last
+  of a token's k pairs to finish a row block sums them in slot order. Inside both
+  (``_mxfp4_gemv_rows``) each thread loads whole 16-byte groups of codes (one 128-bit load: the
+  32 values that share a scale), turns the codes into floats by placing their bits into an
+  fp16's (``_fp4x2_to_f32``), sums the 32 products in registers, applies the E8M0 scale once per
+  group as an exponent, and the sum across threads happens once, after the loop. Activations
+  come as words of two (``_pairs``), so they too arrive 16 bytes at a time;
 - prefill, many tokens (tiled grouped GEMM, cf. MegaBlocks arXiv:2211.15841 and triton_kernels'
   ``matmul_ogs``): the (token, expert) pairs are sorted by expert and cut into tiles of
   ``BLOCK_M`` rows of one expert (a tile table built on the device, no host sync). ``_moe_gemm1``
@@ -22,9 +31,9 @@ The expert MLP of gpt-oss: ``h = W1 x + b1`` (rows interleaved: even = gate, odd
   each pair's weighted output; ``_moe_sum`` adds a token's k rows in slot order (deterministic:
   no atomics, so repeated runs and graph replays give identical bits).
 
-FP4 E2M1 to value without a table: code = sign.e1e0.m; |v| = m/2 for e = 0, else
-``2^(e-1) * (1 + m/2)``. Odd and even input columns are the low and high nibbles, so each K step
-does two dots (even columns of x with the low nibbles, odd with the high) instead of
+FP4 E2M1 to value without a table (the prefill path): code = sign.e1e0.m; |v| = m/2 for e = 0,
+else ``2^(e-1) * (1 + m/2)``. Odd and even input columns are the low and high nibbles, so each K
+step does two dots (even columns of x with the low nibbles, odd with the high) instead of
 interleaving registers.
 """
 
@@ -38,7 +47,10 @@ from gptoss_cli import ops
 
 from .arrive import arrive, counters, reset
 
-DECODE_MAX_TOKENS = 8        # up to this many tokens: the GEMV path
+# Up to this many tokens: the GEMVs, which read one expert matrix per (token, slot) pair. Past
+# it the grouped GEMMs read each chosen expert once: the 8-token tail before a prompt's end
+# (the engine's ring snapshot) is 32 pairs, that is every 20b expert read about once, not 32 GEMVs.
+DECODE_MAX_TOKENS = 4
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 

@@ -139,6 +139,11 @@ def exercise(dtype: torch.dtype, n_experts: int = 32) -> None:
         cache = rnd(1, ctx, K, dh)
         pos = torch.arange(T) + 7
         rope.rope_store(q, k, v, cos, sin, pos, cache, cache.clone(), pos)
+        if T == 1:                                      # decode into a ring: the slot found in-kernel
+            rope.rope_store(q, k, v, cos, sin, pos, cache[:, :W], cache[:, :W].clone(), None, torch.arange(W))
+            attention.attention(q, cache, cache, rnd(H, dt=torch.float32), pos, torch.arange(ctx), 0,
+                                dh ** -0.5, True)       # the graph step over a full cache
+            moe.add_rmsnorm_route(x, rnd(T, D), rnd(D, dt=torch.float32), 1e-5, rnd(E, D), rnd(E), 4)
         sinks = rnd(H, dt=torch.float32)
         for S, window in ((ctx, 0), (W + T, W), (W, W)):
             attention.attention(q, cache[:, :S], cache[:, :S], sinks, pos, torch.arange(S), window, dh ** -0.5)
@@ -171,7 +176,8 @@ def main(argv: list[str]) -> int:
         consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in kern.src.constants.items()}
         row = {"kernel": kern.name, "arch": f"sm_{arch}",
                "dtype": next(t for t in kern.src.signature.values() if t.startswith("*")).lstrip("*"),
-               "constexprs": {k: v if isinstance(v, (int, float, bool, str)) else str(v) for k, v in consts.items() if isinstance(k, str) and k.isupper()},
+               "constexprs": {k: v if isinstance(v, (int, float, bool, str)) else str(v)
+                              for k, v in consts.items() if isinstance(k, str) and k.isupper()},
                "shared_bytes": kern.metadata.shared, "num_warps": kern.metadata.num_warps}
         if "--ptxas" in argv:
             row |= _ptxas(kern, arch)

@@ -27,6 +27,6 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"] for r in rows}
-    assert names >= {"_rmsnorm_kernel", "_rope_store_kernel", "_attn_fwd",
-                     "_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"}
+    assert names >= {"_rmsnorm_kernel", "_rope_store_kernel", "_attn_fwd", "_route_kernel", "_add_rmsnorm_route_kernel",
+                     "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"}
     assert {r["dtype"] for r in rows if r["kernel"] == "_attn_fwd"} == {"bf16", "fp16", "fp32"}

@@ -48,8 +48,11 @@ def test_engine_logits_on_kernels(tiny_full, ref_engine, monkeypatch):
 @pytest.mark.slow
 def test_engine_decode_on_kernels(tiny_full, ref_engine, monkeypatch):
     """Greedy tokens through prefill, the static decode step (past the window: ring wraps), and
-    a second call that reuses the cached prefix."""
+    a second call that reuses the cached prefix; after ``warmup`` (what ``load_engine`` runs),
+    which must leave nothing behind."""
     eng = _kernel_engine(tiny_full, monkeypatch, static_decode=True)
+    eng.warmup()
+    assert eng.cached_tokens == [] and eng.snapshots == [] and eng.cache.length == 0
     kw = dict(max_new_tokens=10, temperature=0)
     first = list(eng.generate(PROMPT[:12], **kw))
     assert first == list(ref_engine.generate(PROMPT[:12], **kw))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 

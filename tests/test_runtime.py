@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -127,3 +129,12 @@ def test_stop_tokens_and_context_limit(tiny_full):
     assert stopped == greedy[:greedy.index(greedy[3]) + 1] and eng.last_stats.stop_reason == "stop"
     out = list(eng.generate(PROMPT[:20], max_new_tokens=50, temperature=0))
     assert len(out) == 32 - 20 + 1 and eng.last_stats.stop_reason == "context"
+
+
+def test_warmup_costs_nothing_on_cpu(tiny_full):
+    """``load_engine`` warms the engine up behind its spinner: on the CPU reference path there is
+    nothing to compile, so it must return at once and change nothing."""
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32")
+    t0 = time.perf_counter()
+    eng.warmup()
+    assert time.perf_counter() - t0 < 0.05 and eng.cached_tokens == [] and eng.cache.length == 0
