@@ -201,15 +201,14 @@ class Engine:
     def warmup(self) -> None:
         """Compile the kernels and capture the decode step's CUDA graph now, so that the first
         reply's timings are the model's and not Triton's compiler (``load_engine`` calls this
-        behind its spinner). It runs two short prompts (token counts that are and are not a
-        multiple of 16, which Triton specialises on; each with its 8-token snapshot tail) and a
-        few decode steps, then forgets them. Without the static decode step (CPU, or the
-        reference ops) nothing is compiled and it returns at once."""
+        behind its spinner). It runs one short prompt (13 tokens and the 8-token snapshot tail:
+        token counts that are not multiples of 16, the specialisation most prompts get) and two
+        decode steps (the capture, a replay), then forgets them. Without the static decode step
+        (CPU, or the reference ops) nothing is compiled and it returns at once."""
         if self._decoder is None:
             return
-        for n in (16 + SNAPSHOT_TAIL, 13 + SNAPSHOT_TAIL):
-            for _ in self.generate(list(range(1, n + 1)), max_new_tokens=3, temperature=0):
-                pass
+        for _ in self.generate(list(range(1, 14 + SNAPSHOT_TAIL)), max_new_tokens=3, temperature=0):
+            pass
         self._reset()
         self.last_stats = GenerationStats()
 
