@@ -342,7 +342,7 @@ def _moe_gemv2(
 
 
 GEMV1_ROWS, GEMV1_GROUPS = 64, 8     # 20b and 120b: 90 row blocks x 4 pairs = 360 programs
-GEMV2_ROWS, GEMV2_GROUPS = 32, 8     # 90 row blocks x 4 pairs = 360 programs
+GEMV2_ROWS, GEMV2_GROUPS = 32, 16    # 360 programs too; 8 KB of 16-byte loads in flight each, as gemv1
 
 
 # ---- prefill: grouped GEMMs over tiles of one expert ------------------------------------------
