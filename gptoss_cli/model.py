@@ -88,19 +88,21 @@ class Transformer:
         return sum(t.numel() * t.element_size() for t in seen)
 
     def attention(self, b: Block, h: torch.Tensor, layer, q_pos: torch.Tensor, start) -> torch.Tensor:
-        """Attention sublayer on normed ``h`` [B, T, D] at positions ``q_pos`` [T]."""
+        """Attention sublayer on normed ``h`` [B, T, D] at positions ``q_pos`` [T], without the
+        output projection's bias (the caller's ``add_rmsnorm_route`` adds it; the qkv bias is
+        added in ``rope_store``): projections without a bias are one cuBLAS launch at decode."""
         cfg = self.cfg
         B, T, _ = h.shape
-        qkv = F.linear(h, b.qkv_w, b.qkv_b)
+        qkv = F.linear(h, b.qkv_w)                       # the bias rides in rope_store
         q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
         k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
         v = v.view(B, T, cfg.n_kv_heads, cfg.d_head)
         k_buf, v_buf, slots, ring_pos = layer.slots_for(q_pos, start)
-        q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots, ring_pos)
+        q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots, ring_pos, b.qkv_b)
         keys, values, k_pos = layer.attend(q_pos, start)
         o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale, layer.keys_by_position)
-        return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
+        return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w)   # out_b: added by add_rmsnorm_route
 
     def mlp(self, b: Block, h: torch.Tensor, routing) -> torch.Tensor:
         """MoE sublayer on normed ``h`` [B, T, D], routed by ``routing`` (weights, experts)."""
@@ -135,7 +137,7 @@ class Transformer:
         k = self.cfg.n_experts_per_token
         for b, layer, next_norm in zip(self.blocks, cache.layers, next_norms):
             x, h, routing = ops.add_rmsnorm_route(
-                x, self.attention(b, h, layer, q_pos, start), b.mlp_norm, eps, b.router_w, b.router_b, k)
+                x, self.attention(b, h, layer, q_pos, start), b.mlp_norm, eps, b.router_w, b.router_b, k, b.out_b)
             x, h = ops.add_rmsnorm(x, self.mlp(b, h, routing), next_norm, eps)
         if not static:
             cache.length = start + T

@@ -168,7 +168,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
-    ring_pos: torch.Tensor | None = None,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE on q and k at positions ``pos`` [T] (rows of the full cos/sin tables), with the rotated
     k and v stored in the cache: ``k_cache[:, slots[t]] = rope(k[:, t])``, same for v unrotated.
@@ -176,7 +176,13 @@ def rope_store(
 
     ``ring_pos``: the [S] table of which position each slot of a ring cache holds. Given, the
     slots are ``pos mod S`` (``slots`` is unused) and the table is updated with ``pos``: the ring
-    bookkeeping of a decode step rides in this launch instead of two of its own."""
+    bookkeeping of a decode step rides in this launch instead of two of its own.
+    ``qkv_bias`` [H*dh + 2*K*dh]: the qkv projection's bias, added to q, k, v first (in their
+    dtype). The projection then runs without one: at one token cuBLAS would copy it into the
+    output in a launch of its own (PyTorch's addmm takes the bias epilogue only for M > 1)."""
+    if qkv_bias is not None:
+        bq, bk, bv = qkv_bias.split((q.shape[2] * q.shape[3], k.shape[2] * k.shape[3], v.shape[2] * v.shape[3]))
+        q, k, v = q + bq.view(q.shape[2:]), k + bk.view(k.shape[2:]), v + bv.view(v.shape[2:])
     if ring_pos is not None:
         slots = pos % k_cache.shape[1]
         ring_pos.index_copy_(0, slots, pos)
@@ -244,11 +250,14 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
 @_kernel_op("moe", ("_add_rmsnorm_route_kernel", "_route_kernel", "_rmsnorm_kernel"))
 def add_rmsnorm_route(
     x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
-    router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
+    router_w: torch.Tensor, router_b: torch.Tensor, top_k: int, delta_bias: torch.Tensor | None = None,
 ):
     """``add_rmsnorm`` then ``route`` of the normed rows: (x + delta, h, (weights, experts)),
     h [..., D] and the routing of its rows [N, k]. One op so that a decode step can do the
-    residual add, the norm and the router in one launch."""
+    residual add, the norm and the router in one launch. ``delta_bias`` [D] (the attention's
+    output bias) is added to delta first, in its dtype (see ``rope_store``'s ``qkv_bias``)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
     x, h = add_rmsnorm.reference(x, delta, scale, eps)
     return x, h, route.reference(h.reshape(-1, h.shape[-1]), router_w, router_b, top_k)
 

@@ -148,9 +148,9 @@ def _route_kernel(
 
 @triton.jit
 def _add_rmsnorm_route_kernel(
-    X, Delta, Scale, Sum, Y, W, Bias, Logits, Weights, Experts, Counter, D, E, eps,
+    X, Delta, DeltaBias, Scale, Sum, Y, W, Bias, Logits, Weights, Experts, Counter, D, E, eps,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """The residual add, the MoE's RMSNorm and the router of one token in one launch (grid:
     tokens x expert blocks). Every program recomputes the norm of the row (2880 values, from L2:
@@ -159,8 +159,10 @@ def _add_rmsnorm_route_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(X + n * D + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(Delta + n * D + cols, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(Sum.dtype.element_ty)                                   # the unfused path stores x + delta
+    delta = tl.load(Delta + n * D + cols, mask=mask, other=0.0)
+    if HAS_BIAS:                                                     # rounded, as delta + bias is
+        delta = (delta.to(tl.float32) + tl.load(DeltaBias + cols, mask=mask, other=0.0).to(tl.float32)).to(Sum.dtype.element_ty)
+    x = (x + delta.to(tl.float32)).to(Sum.dtype.element_ty)          # the unfused path stores x + delta
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     y = (xf * rstd * tl.load(Scale + cols, mask=mask, other=0.0)).to(Y.dtype.element_ty)
@@ -208,14 +210,15 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
 
 
 def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
-                      router_w: torch.Tensor, router_b: torch.Tensor, top_k: int):
+                      router_w: torch.Tensor, router_b: torch.Tensor, top_k: int,
+                      delta_bias: torch.Tensor | None = None):
     """Same contract as ``gptoss_cli.ops.add_rmsnorm_route``; one launch at decode sizes."""
     D = x.shape[-1]
     N = x.numel() // D
     if N > ROUTE_SPREAD_TOKENS:
         from .norm import add_rmsnorm
 
-        x, h = add_rmsnorm(x, delta, scale, eps)
+        x, h = add_rmsnorm(x, delta if delta_bias is None else delta + delta_bias, scale, eps)
         return x, h, route(h.reshape(N, D), router_w, router_b, top_k)
     E = router_w.shape[0]
     x2, d2 = x.reshape(N, D).contiguous(), delta.reshape(N, D).contiguous()     # [N, D]
@@ -223,10 +226,11 @@ def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor,
     weights, experts, logits = _routing_buffers(N, E, top_k, x.device)
     if N:
         _add_rmsnorm_route_kernel[(N, triton.cdiv(E, ROUTE_EXPERTS_PER_PROGRAM))](
-            x2, d2, scale.contiguous(), total, h, router_w.contiguous(), router_b, logits, weights,
-            experts, counters(x.device, N), D, E, eps,
+            x2, d2, d2 if delta_bias is None else delta_bias, scale.contiguous(), total, h,
+            router_w.contiguous(), router_b, logits, weights, experts, counters(x.device, N), D, E, eps,
             TOP_K=top_k, BLOCK_E=ROUTE_EXPERTS_PER_PROGRAM, BLOCK_ALL=triton.next_power_of_2(E),
             BLOCK_D=triton.next_power_of_2(D), BLOCK_K=triton.next_power_of_2(top_k),
+            HAS_BIAS=delta_bias is not None,
         )
     return total.view(x.shape), h.view(x.shape), (weights, experts)
 

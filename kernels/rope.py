@@ -9,7 +9,8 @@ CUDA-graph decode step at any position), rotates all its q and k heads in float3
 q for attention and k, v straight into their cache slots: the rotated k never makes a round trip
 through memory before it reaches the cache. For a ring cache at decode the kernel also works out
 the slot (position mod window) and records the position in the ring's table, so the decode step
-spends no launches on ring bookkeeping.
+spends no launches on ring bookkeeping. The qkv projection's bias is added here too, as q, k, v are
+loaded, so the projection itself is one bias-free cuBLAS launch at decode.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gptoss_cli import ops
 
 @triton.jit
 def _rope_store_kernel(
-    Q, K, V, Cos, Sin, Pos, Slots, RingPos, QOut, KCache, VCache,
+    Q, K, V, Cos, Sin, Pos, Slots, RingPos, QKVBias, QOut, KCache, VCache,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -32,6 +33,7 @@ def _rope_store_kernel(
     stride_db, stride_ds, stride_dh,
     T, n_heads, n_kv_heads, n_slots,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, RING: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
@@ -46,8 +48,7 @@ def _rope_store_kernel(
     # q: [n_heads, dh] of this token -> QOut
     m = (hh[:, None] < n_heads) & i_ok[None, :]
     src = Q + b * stride_qb + t * stride_qt + hh[:, None] * stride_qh + i[None, :]
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    x1, x2 = _load_halves(src, QKVBias + hh[:, None] * (2 * HALF) + i[None, :], m, HALF, HAS_BIAS)
     dst = QOut + b * stride_ob + t * stride_ot + hh[:, None] * stride_oh + i[None, :]
     tl.store(dst, (x1 * c - x2 * s).to(QOut.dtype.element_ty), mask=m)
     tl.store(dst + HALF, (x2 * c + x1 * s).to(QOut.dtype.element_ty), mask=m)
@@ -61,25 +62,39 @@ def _rope_store_kernel(
         slot = tl.load(Slots + t).to(tl.int64)
     m = (hh[:, None] < n_kv_heads) & i_ok[None, :]
     src = K + b * stride_kb + t * stride_kt + hh[:, None] * stride_kh + i[None, :]
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    k_bias = QKVBias + (n_heads + hh[:, None]) * (2 * HALF) + i[None, :]
+    x1, x2 = _load_halves(src, k_bias, m, HALF, HAS_BIAS)
     dst = KCache + b * stride_cb + slot * stride_cs + hh[:, None] * stride_ch + i[None, :]
     tl.store(dst, (x1 * c - x2 * s).to(KCache.dtype.element_ty), mask=m)
     tl.store(dst + HALF, (x2 * c + x1 * s).to(KCache.dtype.element_ty), mask=m)
     src = V + b * stride_vb + t * stride_vt + hh[:, None] * stride_vh + i[None, :]
     dst = VCache + b * stride_db + slot * stride_ds + hh[:, None] * stride_dh + i[None, :]
-    tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
-    tl.store(dst + HALF, tl.load(src + HALF, mask=m, other=0.0), mask=m)
+    v1, v2 = _load_halves(src, k_bias + n_kv_heads * (2 * HALF), m, HALF, HAS_BIAS)
+    tl.store(dst, v1.to(VCache.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, v2.to(VCache.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_halves(src, bias, mask, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Both halves of some heads, float32, the bias added first and rounded to the input's dtype
+    (as the reference's ``q + bq`` is)."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    if HAS_BIAS:
+        x1 = (x1.to(tl.float32) + tl.load(bias, mask=mask, other=0.0).to(tl.float32)).to(src.dtype.element_ty)
+        x2 = (x2.to(tl.float32) + tl.load(bias + HALF, mask=mask, other=0.0).to(tl.float32)).to(src.dtype.element_ty)
+    return x1.to(tl.float32), x2.to(tl.float32)
 
 
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
-    ring_pos: torch.Tensor | None = None,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``gptoss_cli.ops.rope_store``: q [B, T, H, dh], k, v [B, T, K, dh] (views
     into the qkv projection are fine); cos/sin [n_positions, dh/2] float32; pos, slots [T];
-    k_cache, v_cache [B, S, K, dh]; ring_pos [S] or None. Returns rotated q [B, T, H, dh]."""
+    k_cache, v_cache [B, S, K, dh]; ring_pos [S] or None; qkv_bias [(H + 2K) dh] or None.
+    Returns rotated q [B, T, H, dh]."""
     B, T, H, dh = q.shape
     K = k.shape[2]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
@@ -87,7 +102,7 @@ def rope_store(
     if B * T:
         _rope_store_kernel[(B * T,)](
             q, k, v, cos.contiguous(), sin.contiguous(), pos, pos if slots is None else slots,
-            pos if ring_pos is None else ring_pos, out, k_cache, v_cache,
+            pos if ring_pos is None else ring_pos, cos if qkv_bias is None else qkv_bias, out, k_cache, v_cache,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -96,7 +111,7 @@ def rope_store(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             T, H, K, k_cache.shape[1],
             HALF=dh // 2, BLOCK_HALF=triton.next_power_of_2(dh // 2),
-            BLOCK_H=triton.next_power_of_2(max(H, K)), RING=ring_pos is not None,
+            BLOCK_H=triton.next_power_of_2(max(H, K)), RING=ring_pos is not None, HAS_BIAS=qkv_bias is not None,
         )
     return out
 

@@ -138,12 +138,13 @@ def exercise(dtype: torch.dtype, n_experts: int = 32) -> None:
         cos, sin = ops.rope_table(ctx, dh, 150000.0, 32.0, 4096, 1.0, 32.0, 1.35)
         cache = rnd(1, ctx, K, dh)
         pos = torch.arange(T) + 7
-        rope.rope_store(q, k, v, cos, sin, pos, cache, cache.clone(), pos)
+        rope.rope_store(q, k, v, cos, sin, pos, cache, cache.clone(), pos, None, rnd((H + 2 * K) * dh))
         if T == 1:                                      # decode into a ring: the slot found in-kernel
-            rope.rope_store(q, k, v, cos, sin, pos, cache[:, :W], cache[:, :W].clone(), None, torch.arange(W))
+            rope.rope_store(q, k, v, cos, sin, pos, cache[:, :W], cache[:, :W].clone(), None, torch.arange(W),
+                            rnd((H + 2 * K) * dh))          # with the qkv bias, as the model calls it
             attention.attention(q, cache, cache, rnd(H, dt=torch.float32), pos, torch.arange(ctx), 0,
                                 dh ** -0.5, True)       # the graph step over a full cache
-            moe.add_rmsnorm_route(x, rnd(T, D), rnd(D, dt=torch.float32), 1e-5, rnd(E, D), rnd(E), 4)
+            moe.add_rmsnorm_route(x, rnd(T, D), rnd(D, dt=torch.float32), 1e-5, rnd(E, D), rnd(E), 4, rnd(D))
         sinks = rnd(H, dt=torch.float32)
         for S, window in ((ctx, 0), (W + T, W), (W, W)):
             attention.attention(q, cache[:, :S], cache[:, :S], sinks, pos, torch.arange(S), window, dh ** -0.5)

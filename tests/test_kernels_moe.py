@@ -57,13 +57,14 @@ def test_moe(device, dtype, N, E, D, F, top_k):
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
-@pytest.mark.parametrize("N,E", [(1, 8), (3, 40), (70, 5)])      # fused (decode), and not (prefill)
-def test_add_rmsnorm_route(device, dtype, N, E):
+@pytest.mark.parametrize("N,E,bias", [(1, 8, True), (3, 40, False), (70, 5, True)])  # fused (decode), not (prefill)
+def test_add_rmsnorm_route(device, dtype, N, E, bias):
     w = _weights(E, 96, 32, dtype, device, seed=N + E)
     g = torch.Generator().manual_seed(N)
     x, delta = (torch.randn(N, 96, generator=g).to(device, dtype) for _ in range(2))
     scale = (1 + 0.1 * torch.randn(96, generator=g)).to(device)
-    args = (x, delta, scale, 1e-5, w["router_w"], w["router_b"], 4 if E > 4 else 2)
+    delta_bias = torch.randn(96, generator=g).to(device, dtype) if bias else None
+    args = (x, delta, scale, 1e-5, w["router_w"], w["router_b"], 4 if E > 4 else 2, delta_bias)
     ref_x, ref_h, (ref_w, ref_e) = moe.add_rmsnorm_route_torch(*args)
     tri_x, tri_h, (tri_w, tri_e) = moe.add_rmsnorm_route(*args)
     assert torch.equal(tri_x, ref_x) and rel_err(tri_h, ref_h) < (1e-6 if dtype == torch.float32 else 2e-3)

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("poison_allocations")
     (1, 9, 40, 6, 3, 24, "ring"),     # 6 heads, dh/2 = 12: not powers of 2
     (2, 1, 77, 4, 2, 16, "ring_pos"),  # decode: the kernel finds the slot, updates the table
 ])
-def test_rope_store(device, dtype, B, T, start, n_heads, n_kv_heads, d_head, slots):
+@pytest.mark.parametrize("bias", [False, True])                     # the qkv bias added on load
+def test_rope_store(device, dtype, B, T, start, n_heads, n_kv_heads, d_head, slots, bias):
     g = torch.Generator().manual_seed(T + start)
     cos, sin = ops.rope_table(128, d_head, 150000.0, 32.0, 4096, 1.0, 32.0, 1.35)
     cos, sin = cos.to(device), sin.to(device)
@@ -41,8 +42,9 @@ def test_rope_store(device, dtype, B, T, start, n_heads, n_kv_heads, d_head, slo
     cache0 = torch.randn(2, B, S, n_kv_heads, d_head, generator=g).to(device, dtype)
     ref_kc, ref_vc = cache0.clone()
     tri_kc, tri_vc = cache0.clone()
-    ref_q = rope.rope_store_torch(q, k, v, cos, sin, pos, ref_kc, ref_vc, slot, ref_table)
-    tri_q = rope.rope_store(q, k, v, cos, sin, pos, tri_kc, tri_vc, slot, tri_table)
+    qkv_b = torch.randn(qkv.shape[-1], generator=g).to(device, dtype) if bias else None
+    ref_q = rope.rope_store_torch(q, k, v, cos, sin, pos, ref_kc, ref_vc, slot, ref_table, qkv_b)
+    tri_q = rope.rope_store(q, k, v, cos, sin, pos, tri_kc, tri_vc, slot, tri_table, qkv_b)
     if ref_table is not None:
         assert torch.equal(tri_table, ref_table) and ref_table[77 % S] == 77
     tol = 1e-6 if dtype == torch.float32 else 1e-3
