@@ -124,7 +124,9 @@ def _device(value: str) -> str:
 
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
-ENDPOINT_HELP = "Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, e.g. http://127.0.0.1:8000/v1."
+SERVED_MODEL_HELP = "The model's name on --endpoint (default: the one model it serves)."
+ENDPOINT_HELP = ("Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, "
+                 "e.g. http://127.0.0.1:8000/v1.")
 
 
 @app.command()
@@ -207,7 +209,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; mind --api-key)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0 picks a free one)."),
     context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token on every request."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
@@ -243,7 +245,7 @@ def eval_(
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
-    served_model: Optional[str] = typer.Option(None, "--served-model", help="The model name on --endpoint (default: its only model)."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
 ):
     """Score a model on eval suites; exit non-zero under --fail-under."""
     from . import evals as mod

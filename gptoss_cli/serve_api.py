@@ -26,9 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .harmony import (
-    EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, StreamParser, TextDelta,
-)
+from .harmony import EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, StreamParser, TextDelta
 
 MAX_STOPS = 4
 
@@ -73,7 +71,7 @@ class GenRequest:
 # ---- checking request fields ------------------------------------------------------------------
 
 
-def _number(body: dict, key: str, default, low: float, high: float, low_open: bool = False):
+def number_field(body: dict, key: str, default, low: float, high: float, low_open: bool = False):
     value = body.get(key)
     if value is None:
         return default
@@ -84,7 +82,7 @@ def _number(body: dict, key: str, default, low: float, high: float, low_open: bo
     return float(value)
 
 
-def _int(body: dict, key: str, low: int | None = None):
+def int_field(body: dict, key: str, low: int | None = None):
     value = body.get(key)
     if value is None:
         return None
@@ -95,7 +93,7 @@ def _int(body: dict, key: str, low: int | None = None):
     return value
 
 
-def _bool(body: dict, key: str) -> bool:
+def bool_field(body: dict, key: str) -> bool:
     value = body.get(key, False)
     if value is None:
         return False
@@ -104,7 +102,7 @@ def _bool(body: dict, key: str) -> bool:
     return value
 
 
-def _effort(value, param: str) -> str:
+def effort_field(value, param: str) -> str:
     if value is None:
         return "medium"
     if value not in EFFORTS:
@@ -112,7 +110,7 @@ def _effort(value, param: str) -> str:
     return value
 
 
-def _stops(value) -> list[str]:
+def stops_field(value) -> list[str]:
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
@@ -224,16 +222,16 @@ def chat_request(body: dict) -> GenRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", 1)
+    max_tokens = int_field(body, "max_completion_tokens", 1)
+    max_tokens = max_tokens if max_tokens is not None else int_field(body, "max_tokens", 1)
     tools = function_tools(body.get("tools"), body.get("tool_choice"), nested=True)
     return GenRequest(
-        conversation(history, instructions, _effort(body.get("reasoning_effort"), "reasoning_effort"), tools,
+        conversation(history, instructions, effort_field(body.get("reasoning_effort"), "reasoning_effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True), seed=_int(body, "seed"),
-        stop=_stops(body.get("stop")), stream=_bool(body, "stream"),
-        include_usage=bool(stream_options.get("include_usage")), ignore_eos=_bool(body, "ignore_eos"))
+        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, 2),
+        top_p=number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=int_field(body, "seed"),
+        stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
+        include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"))
 
 
 def _assistant(m: dict, param: str, calls: dict) -> list[Message]:

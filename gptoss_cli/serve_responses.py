@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import time
 
+from . import serve_api as api
 from .harmony import Message
-from .serve_api import (
-    Delta, GenRequest, _bool, _effort, _int, _number, bad, call_message, conversation, function_tools, new_id,
-    text_of,
-)
+from .serve_api import Delta, GenRequest, bad, new_id
 
 
 def responses_request(body: dict) -> GenRequest:
@@ -43,7 +41,7 @@ def responses_request(body: dict) -> GenRequest:
             raise bad(f"{param} must be an object", param)
         kind = item.get("type", "message")
         if kind == "message":
-            role, text = item.get("role"), text_of(item.get("content"), f"{param}.content")
+            role, text = item.get("role"), api.text_of(item.get("content"), f"{param}.content")
             if role in ("system", "developer"):
                 instructions.append(text)
             elif role in ("user", "assistant"):
@@ -55,7 +53,7 @@ def responses_request(body: dict) -> GenRequest:
             if not isinstance(name, str) or not name or not isinstance(arguments, str):
                 raise bad(f"{param}: a function_call needs a name and arguments (a JSON string)", param)
             calls[item.get("call_id")] = name
-            history.append(call_message(name, arguments))
+            history.append(api.call_message(name, arguments))
         elif kind == "function_call_output":
             name = calls.get(item.get("call_id"))
             if name is None:
@@ -69,13 +67,13 @@ def responses_request(body: dict) -> GenRequest:
         else:
             raise bad(f"{param}: items of type {kind!r} are not supported", param)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-    tools = function_tools(body.get("tools"), body.get("tool_choice"), nested=False)
+    tools = api.function_tools(body.get("tools"), body.get("tool_choice"), nested=False)
     return GenRequest(
-        conversation(history, instructions, _effort(reasoning.get("effort"), "reasoning.effort"), tools,
+        api.conversation(history, instructions, api.effort_field(reasoning.get("effort"), "reasoning.effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=_int(body, "max_output_tokens", 1), temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True), seed=_int(body, "seed"),
-        stream=_bool(body, "stream"), ignore_eos=_bool(body, "ignore_eos"))
+        max_tokens=api.int_field(body, "max_output_tokens", 1), temperature=api.number_field(body, "temperature", 1.0, 0, 2),
+        top_p=api.number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=api.int_field(body, "seed"),
+        stream=api.bool_field(body, "stream"), ignore_eos=api.bool_field(body, "ignore_eos"))
 
 
 _PART = {"reasoning": "reasoning_text", "content": "output_text"}
