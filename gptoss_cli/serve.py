@@ -100,19 +100,22 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
+            done = None
             if job.cancelled.is_set():     # its client left while it waited
                 job.outcome = "cancelled"
             else:
                 t0, self.busy = time.perf_counter(), job
                 try:
-                    self._run(job)
+                    done = self._run(job)
                 finally:
                     self.busy = None
                     self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
-            self.served += 1
+            self.served += 1               # recorded before the client hears of the end
             self.history = (self.history + [job])[-HISTORY:]
+            if done is not None:
+                job.put(done)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Done:
         eng, req = self.engine, job.req
         builder = ReplyBuilder(eng.tokenizer, req.stop)
         room = eng.max_context - len(job.prompt)
@@ -134,14 +137,13 @@ class Worker:
             outcome = outcome or eng.last_stats.stop_reason
         except Exception as e:             # a bug below us: the request fails, the server goes on
             job.outcome = "error"
-            job.put(Done(None, "error", len(job.prompt), 0, f"{type(e).__name__}: {e}"))
-            return
+            return Done(None, "error", len(job.prompt), 0, f"{type(e).__name__}: {e}")
         finally:
             gen.close()
         for d in builder.finish():
             job.put(d)
         job.outcome = outcome
-        job.put(Done(builder, outcome, len(job.prompt), eng.last_stats.reused_tokens))
+        return Done(builder, outcome, len(job.prompt), eng.last_stats.reused_tokens)
 
 
 # ---- the HTTP side ----------------------------------------------------------------------------

@@ -163,7 +163,9 @@ class ResponseEvents:
         else:
             part = item["content"][0]
             done = "response.reasoning_text.done" if item["_kind"] == "reasoning" else "response.output_text.done"
-            events.append(self._event(done, item_id=item["id"], output_index=index, content_index=0, text=part["text"]))
+            extra = {"logprobs": []} if item["_kind"] == "content" else {}
+            events.append(self._event(done, item_id=item["id"], output_index=index, content_index=0, text=part["text"],
+                                      **extra))
             events.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                       content_index=0, part=part))
         del item["_kind"]
@@ -177,7 +179,8 @@ class ResponseEvents:
         r["status"] = "incomplete" if incomplete else "completed"
         r["incomplete_details"] = {"reason": "max_output_tokens"} if incomplete else None
         n = b.n_tokens
-        r["usage"] = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens},
+        r["usage"] = {"input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": done.cached_tokens,
+                                                                 "cache_write_tokens": done.prompt_tokens - done.cached_tokens},
                       "output_tokens": n, "output_tokens_details": {"reasoning_tokens": b.counts["analysis"]},
                       "total_tokens": done.prompt_tokens + n}
         r["harmony"] = b.harmony(done.stop_reason, done.prompt_tokens)
