@@ -192,8 +192,19 @@ def bench(
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server from the client side instead."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
+    concurrency: str = typer.Option("1", "--concurrency", help="With --endpoint: comma-separated numbers of simultaneous streams."),
 ):
     """Measure prefill and decode speed, time to first token, memory and the roofline share."""
+    if endpoint:
+        from . import bench_endpoint
+
+        bench_endpoint.run(endpoint=endpoint, api_key=api_key, served_model=served_model, prompt_lens=prompt_lens,
+                           gen_tokens=gen_tokens, concurrency=concurrency, repeat=repeat, warmup=warmup,
+                           fmt=fmt.value, output=output)
+        return
     from . import bench as mod
 
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,

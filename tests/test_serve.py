@@ -374,3 +374,20 @@ def test_eval_over_the_endpoint_gives_the_in_process_report(served, tiny_hf_sing
     assert "endpoint " + url in b.output
     bad = CliRunner().invoke(app, ["eval", "perplexity", "--endpoint", url])
     assert bad.exit_code == 1 and "cannot run against --endpoint" in bad.output
+
+
+def test_bench_over_the_endpoint_reports_client_side_figures(served, tmp_path):
+    _, url = served
+    out = tmp_path / "bench.json"
+    # 140 tokens: random weights never close a Harmony header, so text streams only after 128
+    r = CliRunner().invoke(app, ["bench", "--endpoint", url, "--prompt-lens", "8", "--gen-tokens", "140",
+                                 "--concurrency", "1,2", "--repeat", "1", "--warmup", "0", "--format", "json",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["endpoint"] == url and result["model"]["id"] == MODEL and result["model"]["random_weights"]
+    assert [(x["concurrency"], x["gen_tokens"]) for x in result["results"]] == [(1, 140), (2, 140)]
+    for x in result["results"]:
+        assert x["completion_tokens"]["values"] == [140] * x["concurrency"]
+        assert x["ttft_ms"]["mean"] > 0 and x["itl_p50_ms"]["mean"] > 0 and x["total_tok_s"]["mean"] > 0
+        assert len(x["ttft_ms"]["values"]) == x["concurrency"]
