@@ -82,21 +82,34 @@ def test_models_and_health(served, client):
     assert health["status"] == "ok" and health["model"] == MODEL
 
 
+# Random weights never close a Harmony header: past 128 tokens the parser gives up on it and the
+# rest streams as content. LONG tokens give a reply with text in it.
+LONG = 136
+
+
 def test_chat_non_streaming_and_streaming_agree(client):
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0, seed=1)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=LONG, temperature=0, seed=1)
     full = client.chat.completions.create(**kw)
     choice = full.choices[0]
     assert full.object == "chat.completion" and choice.message.role == "assistant"
-    assert choice.finish_reason == "length" and full.usage.completion_tokens == 4
+    assert choice.finish_reason == "length" and full.usage.completion_tokens == LONG
+    assert choice.message.content and full.harmony["malformed"] == ["no <|message|> after a long header"]
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == (choice.message.content or "")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == LONG
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 1 and "".join(deltas) == choice.message.content
     # greedy twice: the same tokens, the second prompt entirely from the cache but its last token
     assert chunks[-1].harmony == full.harmony
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= full.usage.prompt_tokens - 1
+
+    # a stop string in the middle of that text ends the reply just before it, across token pieces
+    text = choice.message.content
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    cut = client.chat.completions.create(**kw, stop=[stop, "\u2603never"])
+    assert cut.choices[0].message.content == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < LONG
 
 
 def test_follow_up_turn_reuses_the_cached_prefix(client):
@@ -193,14 +206,18 @@ def test_reply_with_reasoning_and_a_tool_call_maps_to_what_the_sdk_reads(served)
 
 
 def test_responses_non_streaming_and_streaming(served, client):
-    r = client.responses.create(model=MODEL, input="Hello", instructions="Be brief.", reasoning={"effort": "low"},
-                                max_output_tokens=3, temperature=0)
-    assert r.object == "response" and r.status == "incomplete" and r.usage.output_tokens == 3
+    kw = dict(model=MODEL, instructions="Be brief.", reasoning={"effort": "low"}, max_output_tokens=LONG, temperature=0)
+    r = client.responses.create(input="Hello", **kw)
+    assert r.object == "response" and r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == LONG and r.output_text and [o.type for o in r.output] == ["message"]
     assert "Reasoning: low" in served[0].engine.tokenizer.decode(job(served[0], r.id).prompt)
-    events = list(client.responses.create(model=MODEL, input=[{"role": "user", "content": "Hi"}],
-                                          max_output_tokens=3, temperature=0, stream=True))
-    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
-    assert [e.sequence_number for e in events] == list(range(len(events)))
+    events = list(client.responses.create(input=[{"role": "user", "content": "Hello"}], stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] == "response.incomplete" and [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].response.output_text == r.output_text
 
 
 # ---- the queue -------------------------------------------------------------------------------
