@@ -100,9 +100,9 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
-            done = None
-            if job.cancelled.is_set():     # its client left while it waited
+            if job.cancelled.is_set():     # its client left while it waited: tell its handler
                 job.outcome = "cancelled"
+                done = Done(None, "cancelled", len(job.prompt), 0, "the client went away")
             else:
                 t0, self.busy = time.perf_counter(), job
                 try:
@@ -112,8 +112,7 @@ class Worker:
                     self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
             self.served += 1               # recorded before the client hears of the end
             self.history = (self.history + [job])[-HISTORY:]
-            if done is not None:
-                job.put(done)
+            job.put(done)
 
     def _run(self, job: Job) -> Done:
         eng, req = self.engine, job.req
@@ -199,6 +198,8 @@ class Server:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         model = body.get("model")
+        if model is None:
+            raise ApiError(400, f"'model' is required; this server serves {self.model_name!r}", param="model")
         if model != self.model_name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -218,14 +219,15 @@ class Server:
     @staticmethod
     async def _events(job: Job):
         """The job's deltas, then its ``Done``; cancels the job if the reader stops early."""
+        finished = False
         try:
-            while True:
+            while not finished:
                 item = await job.events.get()
+                finished = isinstance(item, Done)
                 yield item
-                if isinstance(item, Done):
-                    return
         finally:
-            job.cancel()                   # no-op once done; a disconnect lands here too
+            if not finished:               # the client went away (Starlette cancelled the stream)
+                job.cancel()
 
     @staticmethod
     async def _watch_disconnect(request, job: Job) -> None:

@@ -82,14 +82,16 @@ def number_field(body: dict, key: str, default, low: float, high: float, low_ope
     return float(value)
 
 
-def int_field(body: dict, key: str, low: int | None = None):
+def int_field(body: dict, key: str, low: int = -(2**63), high: int = 2**64 - 1):
+    """An optional integer in [low, high] (default: what a 64-bit seed holds)."""
     value = body.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad(f"'{key}' must be an integer", key)
-    if low is not None and value < low:
-        raise bad(f"'{key}' must be at least {low}; got {value}", key)
+    if not low <= value <= high:
+        raise bad(f"'{key}' must be at least {low}; got {value}" if value < low
+                  else f"'{key}' must be at most {high}; got {value}", key)
     return value
 
 

@@ -286,18 +286,23 @@ def test_full_queue_answers_429_with_retry_after(served, client):
         time.sleep(0.005)
     waiting = [threading.Thread(target=client.chat.completions.create,
                                 kwargs=dict(model=MODEL, messages=[{"role": "user", "content": "q"}], max_tokens=1))
-               for _ in range(8)]
+               for _ in range(7)]
     for t in waiting:
         t.start()
+    leaver = _open_stream(url, {"model": MODEL, "messages": [{"role": "user", "content": "I leave."}], "max_tokens": 50})
     while server.worker.queue.qsize() < 8:
         time.sleep(0.005)
     r = httpx.post(url + "/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "rate_limit_error"
+    leaver.close()                                 # goes away while queued: never decoded
+    time.sleep(0.2)
     long.close()
     for t in waiting:
         t.join(60)
     wait_idle(server)
+    left = next(j for j in server.worker.history if j.req.conversation.messages[-1].content == "I leave.")
+    assert left.outcome == "cancelled" and left.generated == 0
 
 
 # ---- errors --------------------------------------------------------------------------------
