@@ -356,6 +356,8 @@ def test_serve_command_says_where_it_listens_and_wants_the_api_key(tiny_hf_singl
                                           max_tokens=1).usage.completion_tokens == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        denied = CliRunner().invoke(app, ["eval", "arithmetic", "--limit", "1", "--endpoint", url])
+        assert denied.exit_code == 1 and "answered 401" in denied.output and "pass --api-key" in denied.output
     finally:
         proc.terminate()
         proc.wait(20)
@@ -413,3 +415,31 @@ def test_bench_over_the_endpoint_reports_client_side_figures(served, tmp_path):
         assert x["completion_tokens"]["values"] == [140] * x["concurrency"]
         assert x["ttft_ms"]["mean"] > 0 and x["itl_p50_ms"]["mean"] > 0 and x["total_tok_s"]["mean"] > 0
         assert len(x["ttft_ms"]["values"]) == x["concurrency"]
+
+
+def test_a_reply_without_the_harmony_field_is_read_from_the_standard_fields():
+    from gptoss_cli.endpoint import reply_of
+
+    vllm_like = {"choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "reasoning_content": "Use the tool.",
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]}}],
+        "usage": {"prompt_tokens": 90, "completion_tokens": 20, "completion_tokens_details": {"reasoning_tokens": 8}}}
+    fields, tokens = reply_of(vllm_like)
+    assert fields == {"answer": "", "reasoning": "Use the tool.", "raw": "", "malformed": [], "stop_reason": "stop",
+                      "tool_calls": [{"recipient": "functions.get_weather", "arguments": '{"city":"Oslo"}',
+                                      "content_type": None}]}
+    assert tokens == {"prompt": 90, "reasoning": 8, "answer": 12, "generated": 20}
+    fields, _ = reply_of({"choices": [{"finish_reason": "length", "message": {"content": "4", "reasoning": "2+2"}}]})
+    assert (fields["answer"], fields["reasoning"], fields["stop_reason"]) == ("4", "2+2", "length")
+
+
+def test_endpoint_problems_are_one_line(served):
+    _, url = served
+    free = bind("127.0.0.1", 0)
+    port = free.getsockname()[1]
+    free.close()
+    for args, says in [(["--endpoint", f"http://127.0.0.1:{port}/v1"], "cannot reach"),
+                       (["--endpoint", "ftp://x"], "is not an http(s) URL"),
+                       (["--endpoint", url, "--served-model", "other"], "does not serve 'other'")]:
+        r = CliRunner().invoke(app, ["eval", "arithmetic", "--limit", "1", *args])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
