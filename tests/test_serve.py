@@ -224,9 +224,8 @@ def test_responses_non_streaming_and_streaming(served, client):
 
 
 def test_eight_concurrent_clients_are_all_answered_in_order(served, client):
-    server, _ = served
+    server, url = served
     wait_idle(server)
-    before = server.worker.served
     results, threads = {}, []
 
     def ask(i):
@@ -234,13 +233,18 @@ def test_eight_concurrent_clients_are_all_answered_in_order(served, client):
                                            max_tokens=2, temperature=0)
         results[i] = r.id
 
-    for i in range(8):
+    busy = _open_stream(url, {"model": MODEL, "messages": [{"role": "user", "content": "Long."}],
+                              "max_tokens": 900, "stream": True})
+    while server.worker.busy is None:
+        time.sleep(0.005)
+    for i in range(8):                   # all 8 wait together; each sends once the one before is queued
         threads.append(threading.Thread(target=ask, args=(i,)))
         threads[-1].start()
-        deadline = time.time() + 10      # the next client sends once this one is queued or running
-        while server.worker.served + server.worker.queue.qsize() + (server.worker.busy is not None) < before + i + 1:
+        deadline = time.time() + 10
+        while server.worker.queue.qsize() < i + 1:
             assert time.time() < deadline
             time.sleep(0.002)
+    busy.close()
     for t in threads:
         t.join(60)
     assert sorted(results) == list(range(8))
