@@ -99,6 +99,10 @@ class Worker:
             pass
 
     def _loop(self) -> None:
+        if self.engine.device.type == "cuda":     # a new thread starts on cuda:0
+            import torch
+
+            torch.cuda.set_device(self.engine.device)
         while (job := self.queue.get()) is not None:
             if job.cancelled.is_set():     # its client left while it waited: tell its handler
                 job.outcome = "cancelled"
