@@ -162,6 +162,7 @@ class Server:
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.worker = Worker(engine, max_queue)
         self.created = int(time.time())
+        self.info = engine.runtime_info()   # once: it imports triton, seconds the first time
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -169,7 +170,8 @@ class Server:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/responses", self.responses, methods=["POST"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed})
+        handlers = {404: self._not_found, 405: self._not_allowed, Exception: self._internal}
+        self.app = Starlette(routes=routes, exception_handlers=handlers)
 
     # -- plumbing --------------------------------------------------------------------------------
     @staticmethod
@@ -180,6 +182,9 @@ class Server:
 
     async def _not_found(self, request, exc):
         return self._error(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    async def _internal(self, request, exc):   # a bug of ours: an error object, not a bare 500 page
+        return self._error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
     async def _not_allowed(self, request, exc):
         return self._error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
@@ -240,12 +245,17 @@ class Server:
             pass
         job.cancel()
 
-    async def _collect(self, request, job: Job) -> Done:
+    async def _collect(self, request, job: Job) -> tuple[list[Delta], Done]:
+        """A non-streaming request's deltas and ``Done`` (an ``ApiError`` 500 if it failed)."""
         watcher = asyncio.create_task(self._watch_disconnect(request, job))
+        deltas = []
         try:
             async for item in self._events(job):
                 if isinstance(item, Done):
-                    return item
+                    if item.error:
+                        raise self._failed(item)
+                    return deltas, item
+                deltas.append(item)
         finally:
             watcher.cancel()
 
@@ -274,7 +284,7 @@ class Server:
                              "queued": w.queue.qsize(), "served": w.served})
 
     def _model_object(self) -> dict:
-        info = self.engine.runtime_info()
+        info = self.info
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptoss",
                 "max_model_len": self.engine.max_context, "random_weights": bool(info["random_weights"]),
                 "device": info["device"], "dtype": info["dtype"], "ops": info["ops"]}
@@ -307,9 +317,7 @@ class Server:
         req = chat_request(await self._body(request))
         job = self._submit(req, "chatcmpl-")
         if not req.stream:
-            done = await self._collect(request, job)
-            if done.error:
-                raise self._failed(done)
+            _, done = await self._collect(request, job)
             return JSONResponse(chat_completion(job.id, self.model_name, done.builder, done.stop_reason,
                                                 done.prompt_tokens, done.cached_tokens))
         chunks = ChatChunks(job.id, self.model_name)
@@ -341,13 +349,10 @@ class Server:
         job = self._submit(req, "resp_")
         events = ResponseEvents(job.id, self.model_name, body, len(job.prompt))
         if not req.stream:
-            async for item in self._events(job):
-                if isinstance(item, Done):
-                    if item.error:
-                        raise self._failed(item)
-                    events.finish(item)
-                else:
-                    events.add(item)
+            deltas, done = await self._collect(request, job)
+            for d in deltas:
+                events.add(d)
+            events.finish(done)
             return JSONResponse(events.response)
 
         async def lines():
@@ -401,7 +406,7 @@ def run(*, model: str, host: str, port: int, context: int, api_key: str | None, 
     server = Server(engine, model, api_key, max_queue)
     shown_host = f"[{host}]" if ":" in host else host
     address = f"http://{shown_host}:{sock.getsockname()[1]}/v1"
-    info = engine.runtime_info()
+    info = server.info
     weights = "RANDOM weights (output is noise)" if info["random_weights"] else "real weights"
     auth = "API key required" if api_key else "no API key"
     line = (f"gptoss serve: {address} · model {model} · {info['device']} {info['dtype']} · "
