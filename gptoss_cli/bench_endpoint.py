@@ -110,11 +110,13 @@ def figures(streams: list[dict]) -> dict:
     return {"rows": rows, "total_tok_s": sum(s["completion_tokens"] for s in streams) / wall}
 
 
-def measure(endpoint, P: int, C: int, gen_tokens: int, repeat: int, warmup: int) -> dict:
+def measure(endpoint, P: int, C: int, gen_tokens: int, repeat: int, warmup: int, bar) -> dict:
     for w in range(warmup):
+        bar.step(f"prompt {P} · concurrency {C} · warm-up {w + 1}/{warmup}")
         one_round(endpoint, P, C, gen_tokens, seed=1000 * (w + 1))
     per_stream, totals, prompt_tokens, completion = {k: [] for k, _, _ in FIGURES[:-1]}, [], [], []
     for r in range(repeat):
+        bar.step(f"prompt {P} · concurrency {C} · round {r + 1}/{repeat}")
         streams = one_round(endpoint, P, C, gen_tokens, seed=r)
         f = figures(streams)
         totals.append(f["total_tok_s"])
@@ -143,7 +145,8 @@ def run(*, endpoint: str, api_key: str | None, served_model: str | None, prompt_
         raise GptossError("--repeat must be at least 1 and --warmup at least 0")
     ep = Endpoint(endpoint, api_key, served_model)
     t0 = time.perf_counter()
-    results = [measure(ep, P, C, gen_tokens, repeat, warmup) for P in lens for C in levels]
+    with benchstats.Progress(enabled=True, total=len(lens) * len(levels) * (warmup + repeat)) as bar:
+        results = [measure(ep, P, C, gen_tokens, repeat, warmup, bar) for P in lens for C in levels]
     result = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "endpoint": ep.url, "model": ep.info, "settings": {"prompt_lens": lens, "concurrency": levels,
                                                                   "gen_tokens": gen_tokens, "repeat": repeat,
