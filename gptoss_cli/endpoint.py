@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from .errors import GptossError
 
-TIMEOUT_S = 600.0
+TIMEOUT_S = 3600.0   # per read: a non-streaming reply of thousands of tokens on a slow server
 
 
 class EndpointError(GptossError):
