@@ -79,6 +79,7 @@ def _count_step(n_layers: int, monkeypatch) -> list[str]:
     return counter.launches
 
 
+@pytest.mark.slow
 def test_decode_step_launches_per_layer(monkeypatch):
     one, two, three = (_count_step(n, monkeypatch) for n in (1, 2, 3))
     full, windowed = len(two) - len(one), len(three) - len(two)
