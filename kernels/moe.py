@@ -274,7 +274,8 @@ def _mxfp4_gemv_rows(
         x_even, x_odd = _pairs(words, X_DTYPE)
         lo, hi = _fp4x2_to_f32(codes)                                        # [R, G, 16]
         part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [R, G]
-        acc += part * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)   # E8M0: 2^(s-127)
+        # E8M0 as an fp32 exponent field: 2^(s-127) exactly for s >= 1 (s = 0, 2^-127, becomes 0)
+        acc += part * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     return tl.sum(acc, axis=1) * 16384.0                                     # undo the 2^-14
 
 
