@@ -179,7 +179,7 @@ def render_message(message: Message, encoding: tiktoken.Encoding) -> list[int]:
     if message.role == "tool":
         tokens += text(message.name)
     else:
-        tokens += text(message.role) + (text(f":{message.name}") if message.name else [])
+        tokens += text(message.role) + (text(f":{message.name}") if message.name is not None else [])
     if message.recipient is not None and message.recipient != "all":
         tokens += text(f" to={message.recipient}")
     if message.channel is not None:
@@ -335,6 +335,12 @@ class StreamParser:
     token is kept as its literal text, as the reference keeps it, and reported as ``Malformed``.
     ``role`` is the role the prompt already opened (``<|start|>assistant``); None expects
     ``<|start|>`` first.
+
+    One header is read differently on purpose: when the only word left after the channel is a
+    ``<|constrain|>`` type (``<|channel|>final <|constrain|>json``), this parser reads a content
+    type and the reference a recipient (``to=<|constrain|>json``). Both renderers write a message
+    with that content type and no recipient as exactly this header, so ours gives back the message
+    that was rendered, where the reference's would render as a tool call to ``<|constrain|>json``.
     """
 
     MAX_HEADER_TOKENS = 128  # longer than any real header: past it, the header is shown as text
