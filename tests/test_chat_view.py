@@ -7,7 +7,9 @@ import re
 
 import pytest
 from rich.console import Console
+from rich.markdown import Markdown
 
+from gptoss_cli.chat_markdown import CoalescedText, MarkdownStream, sample_markdown
 from gptoss_cli.chat_view import ReplyView, stats_line
 from gptoss_cli.harmony import Malformed, Message, MessageEnd, MessageStart, TextDelta
 
@@ -83,3 +85,94 @@ def test_stats_line_has_every_figure():
     for part in ("ttft 0.25s", "12,000.0 tok/s", "612.3 tok/s", "reasoning 40", "answer 12",
                  "2,200/8,192", "VRAM 13.4 GB"):
         assert part in line
+
+
+# ---- the answer streams block by block: same output, bounded work per token ---------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\]8;[^\x1b]*\x1b\\")
+
+
+def _tokens(enc, text: str) -> list[str]:
+    """``text`` cut where the o200k tokenizer cuts it (each piece one token's text)."""
+    return [enc.decode_single_token_bytes(t).decode() for t in enc.encode_ordinary(text)]
+
+
+def _render(renderables, width: int, height: int = 1000) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=width, height=height, color_system="truecolor")
+    for r in renderables:
+        console.print(r)
+    return re.sub(r"id=\d+;", "", buf.getvalue())  # Rich numbers each hyperlink at random
+
+
+def _screen(raw: str) -> str:
+    """What a terminal shows after ``raw``: enough of one for Rich's live regions (carriage
+    return, erase line, cursor up, newline), styles dropped."""
+    lines, row, col = [[]], 0, 0
+    for m in re.finditer(r"\x1b\[(\d*)([AK])|\x1b\[[0-9;?]*[a-zA-Z]|\x1b\]8;[^\x1b]*\x1b\\|\r|\n|[^\x1b\r\n]", raw):
+        piece = m.group(0)
+        if m.group(2) == "A":
+            row = max(0, row - int(m.group(1) or 1))
+        elif m.group(2) == "K":
+            lines[row] = []
+        elif piece == "\r":
+            col = 0
+        elif piece == "\n":
+            row, col = row + 1, 0
+            lines += [[]] * (row + 1 - len(lines))
+        elif not piece.startswith("\x1b"):
+            line = lines[row] = lines[row] + [" "] * (col + 1 - len(lines[row]))
+            line[col] = piece
+            col += 1
+    return "\n".join("".join(line).rstrip() for line in lines).rstrip("\n")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streamed_markdown_equals_rendering_the_finished_text_once(seed, o200k_encoding):
+    text = sample_markdown(25, seed)
+    stream = MarkdownStream()
+    printed = [block for piece in _tokens(o200k_encoding, text) for block in stream.feed(piece)]
+    printed.append(stream.finish())
+    assert stream.text == text and len(printed) > 5  # it did print block by block
+    width = 50 + 7 * seed
+    assert _render(printed, width) == _render([Markdown(text)], width)
+
+
+def test_the_view_on_a_terminal_ends_showing_the_answer_rendered_once(o200k_encoding):
+    text = sample_markdown(20, seed=5)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=70, height=1000, color_system="standard")
+    view = ReplyView(console)
+    view(MessageStart("assistant", "final", None, None))
+    for piece in _tokens(o200k_encoding, text):
+        view(TextDelta(piece, "final"))
+    view(MessageEnd(Message("assistant", text, channel="final")))
+    view.close()
+    assert _screen(buf.getvalue()) == _screen(_render([Markdown(text)], 70))
+
+
+def test_text_parsed_per_token_does_not_grow_with_the_answer(o200k_encoding):
+    per_token = {}
+    for n_blocks in (30, 300):
+        stream = MarkdownStream()
+        pieces = _tokens(o200k_encoding, sample_markdown(n_blocks, seed=2))
+        for piece in pieces:
+            stream.feed(piece)
+        per_token[n_blocks] = stream.chars_parsed / len(pieces)
+    assert len(pieces) > 8000
+    assert per_token[300] < 1.5 * per_token[30]   # one block's worth, not the answer's
+    assert per_token[300] < 100                   # re-parsing all of it would be ~16,000
+
+
+def test_plain_text_is_written_in_batches():
+    buf = io.StringIO()
+    now = [0.0]
+    stream = CoalescedText(Console(file=buf, width=80), interval=0.05, clock=lambda: now[0])
+    writes = []
+    buf.write = lambda s, _write=buf.write: (writes.append(s), _write(s))[1]
+    for i in range(1000):
+        now[0] = i * 0.001            # a token a millisecond: 20 batches a second
+        stream.write(f"{i} ")
+    stream.flush()
+    assert buf.getvalue() == "".join(f"{i} " for i in range(1000))
+    assert 15 <= len(writes) <= 25
