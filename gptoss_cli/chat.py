@@ -88,7 +88,7 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         if value is not None:
             settings.set(key, str(value))
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     if prompt is not None and not prompt.strip():
         raise GptossError("the prompt is empty")
     err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())  # a pipe: no wrapping
@@ -101,6 +101,17 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         answer_once(session, prompt, model, json_out, err)
     else:
         Repl(session, model).loop()
+
+
+def read_stdin_prompt() -> str:
+    """``--prompt -``: stdin as UTF-8, less its trailing newlines (as ``$(...)`` strips them), so
+    ``echo TEXT | gptoss chat --prompt -`` asks exactly what ``--prompt TEXT`` asks."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is no part of the prompt
+    except UnicodeDecodeError as e:
+        raise GptossError(f"stdin is not UTF-8 text (byte {e.start})", "pipe UTF-8 text to --prompt -") from None
+    return text.rstrip("\r\n")
 
 
 def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, err: Console) -> None:

@@ -55,6 +55,37 @@ def test_prompt_from_stdin_prints_answer_and_stats(tiny_full, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_stdin_prompt_asks_what_the_option_asks(tiny_full, tmp_path):
+    """`echo TEXT | gptoss chat --prompt -` is `--prompt TEXT`: stdin's trailing newline is not sent."""
+    common = ["--model", str(tiny_full), "--json", "--max-tokens", "4", "--temperature", "0"]
+    piped = _chat(tmp_path, "--prompt", "-", *common, stdin="What is 2+2?\n")
+    given = _chat(tmp_path, "--prompt", "What is 2+2?", *common)
+    assert piped.returncode == given.returncode == 0, piped.stderr + given.stderr
+    piped, given = json.loads(piped.stdout), json.loads(given.stdout)
+    assert piped["prompt"] == given["prompt"] == "What is 2+2?"
+    assert piped["stats"]["prompt_tokens"] == given["stats"]["prompt_tokens"]
+    assert (piped["raw"], piped["answer"]) == (given["raw"], given["answer"])
+
+
+@pytest.mark.parametrize("data, prompt", [
+    (b"hi\n", "hi"), (b"hi\r\n\n\n", "hi"), (b"\xef\xbb\xbfhi", "hi"), (b"  two\nlines \n", "  two\nlines "),
+    (b"caf\xc3\xa9\n", "café"),
+])
+def test_read_stdin_prompt(data, prompt, monkeypatch):
+    import io
+
+    from gptoss_cli.chat import read_stdin_prompt
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert read_stdin_prompt() == prompt
+
+
+def test_stdin_that_is_not_utf8_gets_one_line(tmp_path):
+    r = subprocess.run(GPTOSS + ["chat", "--model", "tiny-random", "--prompt", "-"], capture_output=True,
+                       input=b"caf\xe9\n", env=_env(tmp_path), timeout=300)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert b"not UTF-8" in r.stderr and len(r.stderr.decode().strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--json"], ["--json goes with --prompt"]),
     (["--model", "/nonexistent/folder", "--prompt", "x"], ["does not exist"]),
