@@ -435,7 +435,12 @@ def write_tiny_random(local_dir: Path | None = None, console=None) -> Path:
     if (folder / "config.json").exists() and (existing is None or not existing.random_weights):
         raise GptossError(f"{folder} already holds another model; not overwriting it with random weights",
                           "choose another --local-dir")
-    write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
+    try:
+        write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
+    except OSError as e:
+        where = "--local-dir" if local_dir is not None else "$GPTOSS_HOME"
+        raise GptossError(f"cannot write tiny-random to {folder}: {e.strerror or e}",
+                          f"choose a {where} you can write to") from None
     console.print(f"[bold yellow]wrote tiny-random to {escape(str(folder))}: real file formats, RANDOM weights. "
                   "Everything a model loaded from it says is noise.[/]", soft_wrap=True)
     how = TINY_RANDOM if local_dir is None else str(folder)
