@@ -37,6 +37,7 @@ class ReplyView:
         self.live: Live | None = None
         self.markdown: MarkdownStream | None = None  # the answer, while it streams on a terminal
         self.stream: CoalescedText | None = None     # plain streamed text, while a message lasts
+        self.raw: tuple[str, CoalescedText] | None = None  # a run of raw text: its reason, its stream
         self.hidden_tokens = 0
         self.wrote_answer = False
 
@@ -52,6 +53,8 @@ class ReplyView:
 
     # ---- events ------------------------------------------------------------------------------
     def __call__(self, event) -> None:
+        if self.raw is not None and not (isinstance(event, Malformed) and event.text and event.reason == self.raw[0]):
+            self._end_raw()
         if isinstance(event, MessageStart):
             self._start(event)
         elif isinstance(event, TextDelta):
@@ -136,13 +139,20 @@ class ReplyView:
         if self.stream is not None:
             self.stream.flush()
         if e.text:  # the raw text is what the model said: it goes where the answer goes
-            self._print(self.out, Text(e.text, style="yellow"), soft_wrap=True, end="")
             self.wrote_answer = True
-            if self.out is not self.console:
-                self._print(self.out)
-            self._print(self.console, Text(f"  [not Harmony: {e.reason}]", style="dim yellow"))
+            if self.raw is None:  # a run of raw text (one event a token) is marked once, at its end
+                self.raw = (e.reason, CoalescedText(self.out, "yellow"))
+            self.raw[1].write(e.text)
         else:
             self._print(self.console, Text(f"[not Harmony: {e.reason}]", style="dim yellow"))
+
+    def _end_raw(self) -> None:
+        reason, stream = self.raw
+        self.raw = None
+        stream.flush()
+        if self.out is not self.console:
+            self._print(self.out)
+        self._print(self.console, Text(f"  [not Harmony: {reason}]", style="dim yellow"))
 
     def _print(self, console: Console, *objects, **kwargs) -> None:
         """Print above a live region on the same console; a live region on another console is
@@ -161,6 +171,8 @@ class ReplyView:
 
     def close(self) -> None:
         """After the reply (or Ctrl-C): print what is pending, stop any live region."""
+        if self.raw is not None:
+            self._end_raw()
         self._flush()
         self._close_live()
 

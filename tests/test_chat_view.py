@@ -176,3 +176,21 @@ def test_plain_text_is_written_in_batches():
     stream.flush()
     assert buf.getvalue() == "".join(f"{i} " for i in range(1000))
     assert 15 <= len(writes) <= 25
+
+
+@pytest.mark.parametrize("separate_answer_console", [False, True])
+def test_a_run_of_raw_text_is_shown_as_it_came_and_marked_once(separate_answer_console):
+    """Noise outside any message arrives as one Malformed event a token: one run, one marker."""
+    console, buf = _console(False)
+    answer_console, answer_buf = _console(False) if separate_answer_console else (console, buf)
+    view = ReplyView(console, answer_console=answer_console)
+    for i in range(50):
+        view(Malformed("text outside a message", f"w{i} "))
+    for i in range(30):
+        view(Malformed("text after the stop", f"s{i} "))
+    view.close()
+    shown = answer_buf.getvalue().replace("  [not Harmony: text outside a message]", "")
+    assert shown.startswith("".join(f"w{i} " for i in range(50)) + "\n" + "".join(f"s{i} " for i in range(30)))
+    out = buf.getvalue()
+    assert out.count("not Harmony: text outside a message") == 1
+    assert out.count("not Harmony: text after the stop") == 1

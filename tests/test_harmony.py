@@ -486,6 +486,14 @@ def test_constrain_only_header_is_a_content_type(o200k_encoding, harmony_oracle)
     assert (ref[0].recipient, ref[0].content_type) == ("<|constrain|>json", None)
 
 
+def test_an_unreadable_header_is_quoted_short(o200k_encoding):
+    """The raw header is in Malformed.text; the reason quotes only its start."""
+    words = " ".join(f"w{i}" for i in range(30))  # within MAX_HEADER_TOKENS
+    parser, events = parse_text(o200k_encoding, f"<|channel|>final {words}<|message|>x<|end|>")
+    bad = malformed(events)[0]
+    assert bad.text == f"<|channel|>final {words}" and len(bad.reason) < 100 and "…" in bad.reason
+
+
 def test_text_outside_a_message_and_bad_ids(o200k_encoding):
     stream = "stray words<|start|>assistant<|channel|>final<|message|>x<|return|>"
     parser, events = parse_text(o200k_encoding, stream, role=None)
