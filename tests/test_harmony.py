@@ -491,7 +491,7 @@ def test_an_unreadable_header_is_quoted_short(o200k_encoding):
     words = " ".join(f"w{i}" for i in range(30))  # within MAX_HEADER_TOKENS
     parser, events = parse_text(o200k_encoding, f"<|channel|>final {words}<|message|>x<|end|>")
     bad = malformed(events)[0]
-    assert bad.text == f"<|channel|>final {words}" and len(bad.reason) < 100 and "…" in bad.reason
+    assert bad.text == f"<|channel|>final {words}" and len(bad.reason) < 120 and "…" in bad.reason
 
 
 def test_text_outside_a_message_and_bad_ids(o200k_encoding):
