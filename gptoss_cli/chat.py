@@ -31,7 +31,7 @@ COMMANDS = {
     "/reasoning": "show|hide — stream the reasoning or collapse it to one line",
     "/system": "TEXT — the model identity line of the system message",
     "/developer": "TEXT — developer instructions (empty to clear)",
-    "/set": "temperature|top_p|max_tokens|seed VALUE",
+    "/set": "temperature|top_p|max_tokens|seed VALUE — a sampling setting",
     "/reset": "forget the conversation",
     "/undo": "remove the last turn",
     "/regen": "answer the last message again",

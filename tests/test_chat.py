@@ -119,6 +119,7 @@ def test_help_lists_the_choices(tmp_path):
     assert r.returncode == 0
     for choices in ("low|medium|high", "show|hide", "auto|bfloat16|float32"):
         assert choices in r.stdout
+    assert "model-identity line" in r.stdout      # --system replaces that line, it adds nothing
 
 
 def test_broken_checkpoint_gets_one_line(tiny_hf_single, tmp_path):
