@@ -681,7 +681,17 @@ def test_tiny_random_into_a_folder_that_cannot_be_made(where, env, tmp_path, mon
         r = cli("tiny-random", "--local-dir", str(blocker / "tiny"))
     assert r.exit_code == 1
     line = one_line_error(r)
-    assert "cannot write tiny-random" in line and ("--local-dir" if where == "local-dir" else "GPTOSS_HOME") in line
+    assert "cannot write to" in line and "a-file is a file, not a folder" in line
+    assert ("--local-dir" if where == "local-dir" else "GPTOSS_HOME") in line
+
+
+def test_download_into_a_folder_that_cannot_be_made_stops_before_fetching(env, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    r = cli(REPO, "--yes", "--local-dir", str(tmp_path / "a-file" / "model"))
+    assert r.exit_code == 1
+    line = one_line_error(r)
+    assert "a-file is a file, not a folder" in line and "--local-dir" in line
+    assert not env.gets(".safetensors")  # no weight file was requested
 
 
 def test_list_when_nothing_is_on_disk(env):
