@@ -138,10 +138,11 @@ def test_streamed_markdown_equals_rendering_the_finished_text_once(seed, o200k_e
     assert _render(printed, width) == _render([Markdown(text)], width)
 
 
-def test_the_view_on_a_terminal_ends_showing_the_answer_rendered_once(o200k_encoding):
+@pytest.mark.parametrize("height", [1000, 8])  # 8: blocks taller than the screen, shown cropped while open
+def test_the_view_on_a_terminal_ends_showing_the_answer_rendered_once(height, o200k_encoding):
     text = sample_markdown(20, seed=5)
     buf = io.StringIO()
-    console = Console(file=buf, force_terminal=True, width=70, height=1000, color_system="standard")
+    console = Console(file=buf, force_terminal=True, width=70, height=height, color_system="standard")
     view = ReplyView(console)
     view(MessageStart("assistant", "final", None, None))
     for piece in _tokens(o200k_encoding, text):
