@@ -516,13 +516,14 @@ def test_any_ids_never_raise(o200k_encoding):
     specials = list(range(199998, 201088))
     rng = random.Random(1)
     for _ in range(300):
-        parser = StreamParser(o200k_encoding, role=rng.choice(["assistant", None, "user"]))
+        parser = StreamParser(o200k_encoding, role=rng.choice(["assistant", None, "user", "system", "developer"]))
         for _ in range(rng.randint(0, 60)):
             kind = rng.random()
             t = rng.choice(specials) if kind < 0.4 else rng.randrange(199998) if kind < 0.95 else rng.choice(
                 [-5, 201088, 2 ** 40, None, "x", 3.5])
-            events = parser.feed(t)
+            events = parser.feed(t) if rng.random() > 0.03 else parser.finish()  # finish, then go on
             assert all(isinstance(e, (MessageStart, TextDelta, MessageEnd, Stop, Malformed)) for e in events)
+        parser.finish()
         parser.finish()
         assert all(isinstance(m, Message) for m in parser.messages)
 
