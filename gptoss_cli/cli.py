@@ -124,6 +124,9 @@ def _device(value: str) -> str:
 
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+SERVED_MODEL_HELP = "The model's name on --endpoint (default: the one model it serves)."
+ENDPOINT_HELP = ("Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, "
+                 "e.g. http://127.0.0.1:8000/v1.")
 
 
 @app.command()
@@ -189,14 +192,45 @@ def bench(
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server from the client side instead."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
+    concurrency: str = typer.Option("1", "--concurrency", help="With --endpoint: comma-separated numbers of simultaneous streams."),
 ):
     """Measure prefill and decode speed, time to first token, memory and the roofline share."""
+    if endpoint:
+        from . import bench_endpoint
+
+        bench_endpoint.run(endpoint=endpoint, api_key=api_key, served_model=served_model, prompt_lens=prompt_lens,
+                           gen_tokens=gen_tokens, concurrency=concurrency, repeat=repeat, warmup=warmup,
+                           fmt=fmt.value, output=output)
+        return
     from . import bench as mod
 
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,
             batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt.value,
             output=output, baseline=baseline, max_regression=max_regression, device=device,
             dtype=dtype.value, graph=graph)
+
+
+@app.command()
+@_guard
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; mind --api-key)."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0 picks a free one)."),
+    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
+    device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/responses)."""
+    from . import serve as mod
+
+    mod.run(model=model, host=host, port=port, context=context, api_key=api_key, max_queue=max_queue,
+            device=device, dtype=dtype.value, yes=yes)
 
 
 @app.command("eval")
@@ -220,6 +254,9 @@ def eval_(
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
     list_: bool = typer.Option(False, "--list", help="List the suites and exit."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
 ):
     """Score a model on eval suites; exit non-zero under --fail-under."""
     from . import evals as mod
@@ -227,7 +264,8 @@ def eval_(
     mod.run(suites=suites, model=model, effort=effort, limit=limit, samples=samples, seed=seed,
             output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
             context=context, device=device, dtype=dtype.value, max_perplexity=max_perplexity,
-            ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes)
+            ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes, endpoint=endpoint,
+            api_key=api_key, served_model=served_model)
 
 
 if __name__ == "__main__":

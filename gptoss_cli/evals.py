@@ -14,8 +14,11 @@ settings, or on another dtype or kind of device, is never overwritten. Its field
 
 - ``version``: 1.
 - ``settings``: model, suites (as given), efforts, seed, samples, limit, temperature, max_tokens,
-  context, ppl_window, ppl_stride, current_date. A resume needs these to be equal.
-- ``runtime``: ``Engine.runtime_info()`` (device, dtype, ops, versions); ``random_weights``.
+  context, ppl_window, ppl_stride, current_date; with ``--endpoint``, also endpoint (and model is
+  the served model's name). A resume needs these to be equal.
+- ``runtime``: ``Engine.runtime_info()`` (device, dtype, ops, versions); ``random_weights``. With
+  ``--endpoint`` (``endpoint.py``): endpoint, model, device ``endpoint:...``, and what the server
+  tells of itself. Perplexity suites need the model in process and are refused there.
 - ``scores``: one entry per suite x effort. Graded suites: ``n`` samples, ``correct``,
   ``accuracy``, ``ci_low``/``ci_high`` (Wilson score interval, 95%), ``mean_reasoning_tokens``,
   ``tokens_per_s`` (generated tokens over generation wall time). Perplexity suites (``effort``
@@ -42,6 +45,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -226,8 +230,6 @@ def run_sample(engine, suite: Suite, problem: Problem, effort: str, index: int, 
     conv = Conversation(reasoning_effort=effort, developer_instructions=problem.developer,
                         tools=[FunctionTool.from_dict(t) for t in problem.tools], current_date=EVAL_DATE)
     session = ChatSession(engine, conv, Settings(temperature=temperature, max_tokens=max_tokens, seed=seed))
-    record = {"suite": suite.name, "effort": effort, "id": problem.id, "sample": index, "seed": seed,
-              "prompt": problem.prompt}
     malformed: list[str] = []
 
     def on_event(event):
@@ -237,22 +239,42 @@ def run_sample(engine, suite: Suite, problem: Problem, effort: str, index: int, 
     try:
         turn = session.respond(problem.prompt, on_event=on_event)
     except ContextFullError as e:
-        return {**record, "reasoning": "", "answer": "", "tool_calls": [], "raw": "", "malformed": [],
-                "stop_reason": "context",
-                "grade": {"correct": False, "extracted": None, "expected": problem.expected, "reason": e.message},
-                "tokens": {"prompt": 0, "reasoning": 0, "answer": 0, "generated": 0}, "seconds": 0.0}
+        return context_record(suite, problem, effort, index, seed, e.message)
     if turn.interrupted:
         raise KeyboardInterrupt
-    reply = Reply(turn.answer, turn.reasoning, turn.tool_calls, turn.raw, turn.stop_reason, malformed)
     st = turn.stats
+    reply = {"answer": turn.answer, "reasoning": turn.reasoning, "tool_calls": turn.tool_calls, "raw": turn.raw,
+             "malformed": malformed, "stop_reason": turn.stop_reason}
+    tokens = {"prompt": st["prompt_tokens"], "reasoning": st["reasoning_tokens"],
+              "answer": st["answer_tokens"], "generated": st["generated_tokens"]}
+    return graded_record(suite, problem, effort, index, seed, reply, tokens, st["wall_s"])
+
+
+def _record(suite: Suite, problem: Problem, effort: str, index: int, seed: int) -> dict:
+    return {"suite": suite.name, "effort": effort, "id": problem.id, "sample": index, "seed": seed,
+            "prompt": problem.prompt}
+
+
+def graded_record(suite: Suite, problem: Problem, effort: str, index: int, seed: int, reply: dict,
+                  tokens: dict, seconds: float) -> dict:
+    """A sample's report entry from its reply (answer, reasoning, tool_calls, raw, malformed,
+    stop_reason), graded; shared by the in-process and the endpoint (``endpoint.py``) paths."""
+    r = Reply(reply["answer"], reply["reasoning"], reply["tool_calls"], reply["raw"], reply["stop_reason"],
+              reply["malformed"])
     return {
-        **record, "reasoning": reply.reasoning, "answer": reply.answer, "tool_calls": reply.tool_calls,
-        "raw": reply.raw, "malformed": malformed, "stop_reason": reply.stop_reason,
-        "grade": grade(problem.grader, reply, problem.expected, problem.options).to_dict(),
-        "tokens": {"prompt": st["prompt_tokens"], "reasoning": st["reasoning_tokens"],
-                   "answer": st["answer_tokens"], "generated": st["generated_tokens"]},
-        "seconds": st["wall_s"],
+        **_record(suite, problem, effort, index, seed), "reasoning": r.reasoning, "answer": r.answer,
+        "tool_calls": r.tool_calls, "raw": r.raw, "malformed": r.malformed, "stop_reason": r.stop_reason,
+        "grade": grade(problem.grader, r, problem.expected, problem.options).to_dict(),
+        "tokens": tokens, "seconds": seconds,
     }
+
+
+def context_record(suite: Suite, problem: Problem, effort: str, index: int, seed: int, why: str) -> dict:
+    """The entry of a prompt that does not fit the context: graded incorrect, with the reason."""
+    return {**_record(suite, problem, effort, index, seed), "reasoning": "", "answer": "", "tool_calls": [],
+            "raw": "", "malformed": [], "stop_reason": "context",
+            "grade": {"correct": False, "extracted": None, "expected": problem.expected, "reason": why},
+            "tokens": {"prompt": 0, "reasoning": 0, "answer": 0, "generated": 0}, "seconds": 0.0}
 
 
 # ---- scores, gate, report -------------------------------------------------------------------
@@ -358,7 +380,8 @@ def check_same_runtime(path: Path, old: dict, runtime: dict) -> None:
 def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None, samples: int, seed: int,
         output: Path | None, fail_under: str | None, temperature: float, max_tokens: int, context: int,
         device: str, dtype: str, max_perplexity: float | None = None, ppl_window: int | None = None,
-        ppl_stride: int | None = None, list_: bool = False, yes: bool = False) -> None:
+        ppl_stride: int | None = None, list_: bool = False, yes: bool = False, endpoint: str | None = None,
+        api_key: str | None = None, served_model: str | None = None) -> None:
     out, err = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
     if list_:
         return list_suites(out)
@@ -382,9 +405,13 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
         if suite.kind == "perplexity" and (suite.window >= context or suite.stride > suite.window):
             raise GptossError(f"perplexity window {suite.window} / stride {suite.stride} do not fit --context {context}",
                               "the window must be under --context, the stride at most the window (--ppl-window, --ppl-stride)")
+    target = _endpoint_target(endpoint, api_key, served_model, loaded, err) if endpoint else None
+    model = target.endpoint.model if target else model
     settings = {"model": model, "suites": list(suites), "efforts": efforts, "seed": seed, "samples": samples,
                 "limit": limit, "temperature": temperature, "max_tokens": max_tokens, "context": context,
                 "ppl_window": ppl_window, "ppl_stride": ppl_stride, "current_date": EVAL_DATE}
+    if target:
+        settings["endpoint"] = target.endpoint.url
     previous = load_previous(output, settings)
     if output is not None:
         write_report(output, None)
@@ -392,7 +419,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
 
     from .loading import load_engine
 
-    engine = load_engine(model, device, dtype, context, yes, err)
+    engine = target or load_engine(model, device, dtype, context, yes, err)
     runtime = engine.runtime_info()
     if previous is not None:
         check_same_runtime(output, previous, runtime)
@@ -405,11 +432,12 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
         scores = compute_scores(loaded, efforts, ordered)
         failures = gate(scores, threshold, max_perplexity) if len(ordered) == len(plan) else ["incomplete"]
         return {"version": REPORT_VERSION, "settings": settings, "runtime": runtime,
-                "random_weights": bool(engine.config.random_weights), "scores": scores, "samples": ordered,
+                "random_weights": bool(runtime["random_weights"]), "scores": scores, "samples": ordered,
                 "gate": {"fail_under": threshold, "max_perplexity": max_perplexity,
                          "passed": not failures, "failures": failures}}
 
-    _run_plan(engine, plan, done, temperature, max_tokens, err, lambda: output and write_report(output, report()))
+    _run_plan(engine, plan, done, temperature, max_tokens, err, lambda: output and write_report(output, report()),
+              sample=target and target.run_sample)
     final = report()
     if output is not None:
         write_report(output, final)
@@ -436,7 +464,22 @@ def _plan(suites: list[Suite], efforts: list[str], samples: int, seed: int) -> l
     return plan
 
 
-def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err: Console, save) -> None:
+def _endpoint_target(url: str, api_key: str | None, served_model: str | None, suites: list[Suite], err: Console):
+    """``--endpoint``: graded suites only (perplexity needs log-probabilities of given text)."""
+    from .endpoint import Endpoint, EvalTarget
+
+    if any(s.kind == "perplexity" for s in suites):
+        raise GptossError("perplexity suites need the model in process; they cannot run against --endpoint",
+                          "drop them from the suites, or run without --endpoint")
+    target = EvalTarget(Endpoint(url, api_key, served_model), EVAL_DATE)
+    info = target.runtime_info()
+    err.print(f"endpoint {escape(info['endpoint'])} · model {escape(info['model'])}"
+              + (" · [yellow]random weights: its output is noise[/]" if info["random_weights"] else ""))
+    return target
+
+
+def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err: Console, save,
+              sample=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     todo = [(k, job) for k, job in plan if k not in done]
@@ -450,7 +493,7 @@ def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err
                 if suite.kind == "perplexity":
                     done[key] = run_perplexity_file(engine, suite, job[1], job[2], suite.window, suite.stride)
                 else:
-                    done[key] = run_sample(engine, *job, temperature=temperature, max_tokens=max_tokens)
+                    done[key] = (sample or partial(run_sample, engine))(*job, temperature=temperature, max_tokens=max_tokens)
                 save()
                 progress.advance(task)
         except KeyboardInterrupt:
