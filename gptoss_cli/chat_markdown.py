@@ -45,6 +45,8 @@ class MarkdownStream:
         self.chars_parsed = 0
         self.after: bool | None = None  # the new_line of the last finished block (FinishedBlock)
         self._md = _parser()
+        self._fence: re.Pattern | None = None  # the closing line of an open top-level code fence
+        self._checked = 0                      # how much of open_text the last look covered
 
     @property
     def text(self) -> str:
@@ -57,13 +59,18 @@ class MarkdownStream:
         if "\n" not in delta:
             return []  # a block ends only on a complete line
         complete = self.open_text[: self.open_text.rfind("\n") + 1]
+        if self._fence is not None and not self._fence.search(complete, self._checked):
+            self._checked = len(complete)
+            return []  # inside an open top-level fence: only a closing fence line can end it
         self.chars_parsed += len(complete)
         blocks = [t for t in self._md.parse(complete) if t.level == 0 and t.nesting != -1 and t.map]
+        self._fence, self._checked = _open_fence(blocks[-1] if blocks else None, complete), len(complete)
         if len(blocks) < 2:
             return []
         # markdown-it counts lines after turning \r\n and \r into \n: count them the same way
         cut = [m.end() for m in _LINE_END.finditer(complete)][blocks[-1].map[0] - 1]
         finished, self.open_text = self.open_text[:cut], self.open_text[cut:]
+        self._checked -= cut
         finished_block = FinishedBlock(finished, self.after)
         self.after = Markdown.elements.get(blocks[-2].type, UnknownElement).new_line
         return [finished_block]
@@ -72,6 +79,18 @@ class MarkdownStream:
         """The open block, now finished too."""
         rest, self.open_text = self.open_text, ""
         return FinishedBlock(rest, self.after)
+
+
+def _open_fence(block, text: str) -> re.Pattern | None:
+    """For an open top-level code fence, a pattern of the line that may close it (CommonMark: the
+    fence's character, at least as many, up to 3 spaces before); None for any other block."""
+    if block is None or block.type != "fence" or not block.markup:
+        return None
+    char, n = block.markup[0], len(block.markup)
+    closing = re.compile(rf"^ {{0,3}}{re.escape(char)}{{{n},}}[ \t]*$", re.MULTILINE)
+    lines = _LINE_END.split(text)[block.map[0]:block.map[1]]
+    closed = len(lines) >= 2 and closing.match(lines[-1]) is not None
+    return None if closed else re.compile(rf"(?:^|(?<=\r)) {{0,3}}{re.escape(char)}{{3,}}", re.MULTILINE)
 
 
 class FinishedBlock:

@@ -165,6 +165,18 @@ def test_text_parsed_per_token_does_not_grow_with_the_answer(o200k_encoding):
     assert per_token[300] < 100                   # re-parsing all of it would be ~16,000
 
 
+def test_a_long_code_fence_is_not_parsed_again_line_by_line(o200k_encoding):
+    """Inside an open top-level fence only a closing fence line can end the block: no re-parse."""
+    code = "\n".join(f"    value_{i} = compute(value_{i - 1}, {i})  # step {i}" for i in range(1500))
+    text = (f"Intro.\n\n```python\n{code}\n```\nAfter the fence.\n\n~~~~\n~~~\nstill code\n~~~~\n\n"
+            f"- a list\n  ```\n  fenced in an item\nlazy line\n\nEnd.")
+    stream = MarkdownStream()
+    pieces = _tokens(o200k_encoding, text)
+    printed = [block for piece in pieces for block in stream.feed(piece)] + [stream.finish()]
+    assert stream.chars_parsed < 5 * len(text)   # re-parsing the fence at each of its lines: ~1000x
+    assert _render(printed, 90) == _render([Markdown(text)], 90)
+
+
 def test_plain_text_is_written_in_batches():
     buf = io.StringIO()
     now = [0.0]
