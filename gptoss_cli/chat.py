@@ -304,7 +304,9 @@ class Repl:
             c.print(f"context: {used:,} / {s.context_limit:,} tokens ({len(s.turns)} turns)")
             c.print(Text("system message:\n" + s.system_message(), style="dim"))
         elif name == "/trim":
-            n = s.trim(int(arg) if arg.isdigit() else 1)
+            if arg and not arg.isdigit():
+                raise GptossError(f"/trim takes a number of turns, not {arg!r}", "e.g. /trim 2")
+            n = s.trim(int(arg) if arg else 1)
             c.print(f"dropped {n} oldest turn(s); context now {s.context_used():,} tokens")
         else:
             raise GptossError(f"unknown command {name}", "/help lists the commands")

@@ -52,7 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ContextFullError, GptossError
+from .errors import ContextFullError, GptossError, why_not_written
 from .graders import Reply, grade
 from .harmony import EFFORTS, Malformed
 from .suites import Problem, Suite, load_suite, read_text, specs
@@ -340,9 +340,7 @@ def write_report(path: Path, report: dict | None) -> None:
         tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or str(e)
-        raise GptossError(f"cannot write the report {path}: {why}", "pass another --output") from None
+        raise GptossError(f"cannot write the report {path}: {why_not_written(path, e)}", "pass another --output") from None
 
 
 def load_previous(path: Path | None, settings: dict) -> dict | None:

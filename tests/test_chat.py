@@ -170,6 +170,23 @@ def test_save_load_round_trip_and_markdown(tiny_full, tmp_path):
     assert other.history() == s.history()
 
 
+def test_bad_command_arguments_are_said(tiny_full, tmp_path):
+    """/set with a word, /trim with a word, /save under a file: one clear line each."""
+    from gptoss_cli.chat import Repl
+    from gptoss_cli.errors import GptossError
+
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32")
+    repl = Repl(ChatSession(eng, Conversation(), Settings(max_tokens=2)), str(tiny_full))
+    (tmp_path / "a-file").write_text("x")
+    for line, words in [("/set temperature abc", "'abc' for temperature: not a number"),
+                        ("/set max_tokens 2.5", "not an integer"), ("/set top_p nan", "not a number"),
+                        ("/trim two", "/trim takes a number of turns"),
+                        (f"/save {tmp_path / 'a-file' / 't.json'}", "a-file is a file, not a folder")]:
+        with pytest.raises(GptossError, match=words):
+            repl.command(line)
+    assert repl.session.settings.temperature == 1.0
+
+
 def _spawn(tiny_full, tmp_path, *extra):
     child = pexpect.spawn(GPTOSS[0], GPTOSS[1:] + ["chat", "--model", str(tiny_full), "--temperature", "0",
                           "--max-tokens", "12", "--context", "4096", *extra],
