@@ -97,8 +97,9 @@ class ReplyView:
             self.stream = CoalescedText(self.out if kind == "answer" else self.console)
 
     def _delta(self, text: str) -> None:
-        self.text += text
         kind = self._kind()
+        if kind == "tool":
+            self.text += text  # kept to check the arguments; an answer's text is not copied per token
         self.wrote_answer |= kind == "answer"
         if self.markdown is not None:
             for block in self.markdown.feed(text):
