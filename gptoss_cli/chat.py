@@ -121,7 +121,8 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
         print(json.dumps(turn_json(turn, model, prompt, session), ensure_ascii=False))
         return
     out = Console(highlight=False)
-    view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out)
+    view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out,
+                     show_hint="--reasoning show")
     try:
         turn = session.respond(prompt, view, view.on_token)
     finally:

@@ -27,7 +27,9 @@ from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
 class ReplyView:
     """Consumes the session's events (``__call__``) and tokens (``on_token``) for one reply."""
 
-    def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None):
+    def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None,
+                 show_hint: str = "/reasoning show"):
+        self.show_hint = show_hint              # how to see hidden reasoning: a command, or an option
         self.console = console                  # reasoning, labels, tool calls
         self.out = answer_console or console    # the answer (stdout in --prompt mode)
         self.show_reasoning = show_reasoning
@@ -115,7 +117,7 @@ class ReplyView:
                 self.console.print()
             else:
                 self._close_live()
-                self.console.print(Text(f"▸ thought for {self.hidden_tokens} tokens (hidden: /reasoning show)", style="dim"))
+                self.console.print(Text(f"▸ thought for {self.hidden_tokens} tokens (hidden: {self.show_hint})", style="dim"))
         elif kind == "tool":
             self.console.print()
             try:

@@ -54,7 +54,10 @@ def test_hidden_reasoning_collapses_to_one_line_with_its_token_count():
     _reply(ReplyView(console, show_reasoning=False), reasoning="one two three four five")
     out = buf.getvalue()
     assert "one two three" not in out
-    assert "thought for 5 tokens" in out
+    assert "thought for 5 tokens" in out and "/reasoning show" in out
+    console, buf = _console(False)
+    _reply(ReplyView(console, show_reasoning=False, show_hint="--reasoning show"))  # chat --prompt
+    assert "(hidden: --reasoning show)" in buf.getvalue()
 
 
 def test_malformed_output_is_shown_raw_and_marked():
