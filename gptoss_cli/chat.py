@@ -31,7 +31,7 @@ COMMANDS = {
     "/reasoning": "show|hide — stream the reasoning or collapse it to one line",
     "/system": "TEXT — the model identity line of the system message",
     "/developer": "TEXT — developer instructions (empty to clear)",
-    "/set": "temperature|top_p|max_tokens|seed VALUE",
+    "/set": "temperature|top_p|max_tokens|seed VALUE — a sampling setting",
     "/reset": "forget the conversation",
     "/undo": "remove the last turn",
     "/regen": "answer the last message again",
@@ -88,7 +88,7 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         if value is not None:
             settings.set(key, str(value))
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     if prompt is not None and not prompt.strip():
         raise GptossError("the prompt is empty")
     err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())  # a pipe: no wrapping
@@ -103,6 +103,17 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
         Repl(session, model).loop()
 
 
+def read_stdin_prompt() -> str:
+    """``--prompt -``: stdin as UTF-8, less its trailing newlines (as ``$(...)`` strips them), so
+    ``echo TEXT | gptoss chat --prompt -`` asks exactly what ``--prompt TEXT`` asks."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is no part of the prompt
+    except UnicodeDecodeError as e:
+        raise GptossError(f"stdin is not UTF-8 text (byte {e.start})", "pipe UTF-8 text to --prompt -") from None
+    return text.rstrip("\r\n")
+
+
 def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, err: Console) -> None:
     """``--prompt``: the answer on stdout (reasoning on stderr), or one JSON object."""
     if json_out:
@@ -110,7 +121,8 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
         print(json.dumps(turn_json(turn, model, prompt, session), ensure_ascii=False))
         return
     out = Console(highlight=False)
-    view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out)
+    view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out,
+                     show_hint="--reasoning show")
     try:
         turn = session.respond(prompt, view, view.on_token)
     finally:
@@ -293,7 +305,9 @@ class Repl:
             c.print(f"context: {used:,} / {s.context_limit:,} tokens ({len(s.turns)} turns)")
             c.print(Text("system message:\n" + s.system_message(), style="dim"))
         elif name == "/trim":
-            n = s.trim(int(arg) if arg.isdigit() else 1)
+            if arg and not arg.isdigit():
+                raise GptossError(f"/trim takes a number of turns, not {arg!r}", "e.g. /trim 2")
+            n = s.trim(int(arg) if arg else 1)
             c.print(f"dropped {n} oldest turn(s); context now {s.context_used():,} tokens")
         else:
             raise GptossError(f"unknown command {name}", "/help lists the commands")

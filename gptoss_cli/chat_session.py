@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine import Engine, memory_stats
-from .errors import ContextFullError, GptossError
+from .errors import ContextFullError, GptossError, why_not_written
 from .harmony import (
     EFFORTS, STOP_TOKEN_IDS, Conversation, Malformed, Message, MessageEnd, MessageStart, StreamParser,
     history_after_reply, render_completion, render_conversation,
@@ -45,24 +45,35 @@ class Settings:
         key = key.replace("-", "_")
         try:
             if key == "temperature":
-                v = float(value)
+                v = _number(value, float)
                 if not 0 <= v <= 10:
                     raise ValueError("between 0 and 10")
             elif key == "top_p":
-                v = float(value)
+                v = _number(value, float)
                 if not 0 < v <= 1:
                     raise ValueError("in (0, 1]")
             elif key == "max_tokens":
-                v = int(value)
+                v = _number(value, int)
                 if v < 1:
                     raise ValueError("at least 1")
             elif key == "seed":
-                v = None if value.lower() in ("none", "off", "random") else int(value)
+                v = None if value.lower() in ("none", "off", "random") else _number(value, int)
             else:
                 raise GptossError(f"unknown setting {key!r}", "one of temperature, top_p, max_tokens, seed")
         except ValueError as e:
             raise GptossError(f"bad value {value!r} for {key}: {e}") from None
         setattr(self, key, v)
+
+
+def _number(value: str, kind: type):
+    """``float(value)`` or ``int(value)``, failing with words for the user, not Python's."""
+    try:
+        v = kind(value)
+    except ValueError:
+        raise ValueError("not an integer" if kind is int else "not a number") from None
+    if v != v:  # NaN
+        raise ValueError("not a number")
+    return v
 
 
 @dataclass
@@ -266,7 +277,7 @@ class ChatSession:
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(path)
         except OSError as e:
-            raise GptossError(f"cannot write {path}: {e.strerror or e}") from None
+            raise GptossError(f"cannot write {path}: {why_not_written(path, e)}") from None
         return path
 
     def load(self, path: str | Path) -> None:

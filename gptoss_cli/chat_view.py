@@ -2,11 +2,14 @@
 
 - analysis (reasoning): dim and labelled as it streams; when hidden, a live one-line counter that
   collapses to a summary with the token count;
-- final: streamed, rendered as Markdown (a Rich ``Live`` region on a terminal);
+- final: streamed, rendered as Markdown: each finished block is printed once, only the open block
+  is live (a Rich ``Live`` region on a terminal; ``chat_markdown``);
 - commentary with a recipient: a tool call, shown with its arguments;
 - malformed output: the raw text, marked, never swallowed.
 
-On a pipe (stdout not a terminal) nothing moves: no colours, no cursor tricks, text as it comes.
+Streamed plain text (reasoning, tool arguments, an answer on a pipe) is written in batches of at
+most 20 a second, so the cost per token stays that of appending a string, whatever the engine's
+pace. On a pipe (stdout not a terminal) nothing moves: no colours, no cursor tricks.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import json
 
 from rich.console import Console
 from rich.live import Live
-from rich.markdown import Markdown
 from rich.text import Text
 
+from .chat_markdown import CoalescedText, MarkdownStream, OpenBlock
 from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
 
 
 class ReplyView:
     """Consumes the session's events (``__call__``) and tokens (``on_token``) for one reply."""
 
-    def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None):
+    def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None,
+                 show_hint: str = "/reasoning show"):
+        self.show_hint = show_hint              # how to see hidden reasoning: a command, or an option
         self.console = console                  # reasoning, labels, tool calls
         self.out = answer_console or console    # the answer (stdout in --prompt mode)
         self.show_reasoning = show_reasoning
@@ -32,6 +37,9 @@ class ReplyView:
         self.current: MessageStart | None = None
         self.text = ""
         self.live: Live | None = None
+        self.markdown: MarkdownStream | None = None  # the answer, while it streams on a terminal
+        self.stream: CoalescedText | None = None     # plain streamed text, while a message lasts
+        self.raw: tuple[str, CoalescedText] | None = None  # a run of raw text: its reason, its stream
         self.hidden_tokens = 0
         self.wrote_answer = False
 
@@ -47,6 +55,8 @@ class ReplyView:
 
     # ---- events ------------------------------------------------------------------------------
     def __call__(self, event) -> None:
+        if self.raw is not None and not (isinstance(event, Malformed) and event.text and event.reason == self.raw[0]):
+            self._end_raw()
         if isinstance(event, MessageStart):
             self._start(event)
         elif isinstance(event, TextDelta):
@@ -71,6 +81,7 @@ class ReplyView:
         if kind == "analysis":
             if self.show_reasoning:
                 self.console.print(Text("Thinking", style="bold dim"))
+                self.stream = CoalescedText(self.console, "dim")
             elif self.live_ok:
                 self.live = Live(self._thinking_line(), console=self.console, transient=True,
                                  refresh_per_second=8)
@@ -78,60 +89,83 @@ class ReplyView:
         elif kind == "tool":
             label = f"→ tool call {m.recipient}" + (f" ({m.content_type})" if m.content_type else "")
             self.console.print(Text(label, style="bold cyan"))
+            self.stream = CoalescedText(self.console, "cyan")
         elif kind == "answer" and self.live_ok:
-            self.live = Live(Markdown(""), console=self.out, refresh_per_second=10,
-                             vertical_overflow="visible")
+            self.markdown = MarkdownStream()
+            self.live = Live(OpenBlock(self.markdown), console=self.out, refresh_per_second=10,
+                             transient=True)
             self.live.start()
+        else:  # the answer on a pipe, or text the parser could not place: as it comes
+            self.stream = CoalescedText(self.out if kind == "answer" else self.console)
 
     def _delta(self, text: str) -> None:
-        self.text += text
         kind = self._kind()
-        if kind == "analysis":
-            if self.show_reasoning:
-                self.console.print(text, style="dim", end="", soft_wrap=True, markup=False, highlight=False)
-        elif kind == "tool":
-            self.console.print(text, style="cyan", end="", soft_wrap=True, markup=False, highlight=False)
-        elif kind == "answer":
-            self.wrote_answer = True
-            if self.live is not None:
-                self.live.update(Markdown(self.text), refresh=False)
-            else:
-                self.out.print(text, end="", soft_wrap=True, markup=False, highlight=False)
-        else:  # text after the stop, inside a message the parser could not place
-            self.console.print(text, end="", soft_wrap=True, markup=False, highlight=False)
+        if kind == "tool":
+            self.text += text  # kept to check the arguments; an answer's text is not copied per token
+        self.wrote_answer |= kind == "answer"
+        if self.markdown is not None:
+            for block in self.markdown.feed(text):
+                self.out.print(block)
+        elif self.stream is not None:
+            self.stream.write(text)
 
     def _end(self) -> None:
         kind = self._kind()
+        self._flush()
         if kind == "analysis":
             if self.show_reasoning:
                 self.console.print()
             else:
                 self._close_live()
-                self.console.print(Text(f"▸ thought for {self.hidden_tokens} tokens (hidden: /reasoning show)", style="dim"))
+                self.console.print(Text(f"▸ thought for {self.hidden_tokens} tokens (hidden: {self.show_hint})", style="dim"))
         elif kind == "tool":
             self.console.print()
             try:
                 json.loads(self.text)
             except ValueError:
                 self.console.print(Text("  (arguments are not valid JSON)", style="yellow"))
-        elif kind == "answer":
-            if self.live is not None:
-                self.live.update(Markdown(self.text), refresh=True)
-                self._close_live()
-            else:
-                self.out.print()
+        elif kind == "answer" and self.markdown is None:
+            self.out.print()
         self.current, self.text = None, ""
 
+    def _flush(self) -> None:
+        """Print what is pending: batched text, and the open Markdown block (after its live view)."""
+        if self.stream is not None:
+            self.stream.flush()
+            self.stream = None
+        if self.markdown is not None:
+            self._close_live()
+            self.out.print(self.markdown.finish())
+            self.markdown = None
+
     def _malformed(self, e: Malformed) -> None:
-        self._close_live()
+        if self.stream is not None:
+            self.stream.flush()
         if e.text:  # the raw text is what the model said: it goes where the answer goes
-            self.out.print(Text(e.text, style="yellow"), soft_wrap=True, end="")
             self.wrote_answer = True
-            if self.out is not self.console:
-                self.out.print()
-            self.console.print(Text(f"  [not Harmony: {e.reason}]", style="dim yellow"))
+            if self.raw is None:  # a run of raw text (one event a token) is marked once, at its end
+                self.raw = (e.reason, CoalescedText(self.out, "yellow"))
+            self.raw[1].write(e.text)
         else:
-            self.console.print(Text(f"[not Harmony: {e.reason}]", style="dim yellow"))
+            self._print(self.console, Text(f"[not Harmony: {e.reason}]", style="dim yellow"))
+
+    def _end_raw(self) -> None:
+        reason, stream = self.raw
+        self.raw = None
+        stream.flush()
+        if self.out is not self.console:
+            self._print(self.out)
+        self._print(self.console, Text(f"  [not Harmony: {reason}]", style="dim yellow"))
+
+    def _print(self, console: Console, *objects, **kwargs) -> None:
+        """Print above a live region on the same console; a live region on another console is
+        taken down for the print (two consoles' cursor moves would garble each other)."""
+        live = self.live if self.live is not None and self.live.console is not console else None
+        if live is not None:
+            live.stop()
+        console.print(*objects, **kwargs)
+        if live is not None:
+            live.start()
 
     def _close_live(self) -> None:
         if self.live is not None:
@@ -139,7 +173,10 @@ class ReplyView:
             self.live = None
 
     def close(self) -> None:
-        """After the reply (or Ctrl-C): stop any live region."""
+        """After the reply (or Ctrl-C): print what is pending, stop any live region."""
+        if self.raw is not None:
+            self._end_raw()
+        self._flush()
         self._close_live()
 
 

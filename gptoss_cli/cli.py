@@ -152,7 +152,7 @@ def download(
 def chat(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     effort: Effort = typer.Option(Effort.medium, "--effort", "-e", help="Reasoning effort."),
-    system: Optional[str] = typer.Option(None, "--system", help="Extra text for the system message."),
+    system: Optional[str] = typer.Option(None, "--system", help="The system message's model-identity line (instead of 'You are ChatGPT, ...')."),
     developer: Optional[str] = typer.Option(None, "--developer", help="Developer instructions."),
     temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),

@@ -16,6 +16,7 @@ data sets (``--eval``). The fetching itself (resume, verification, errors) is ``
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -254,6 +255,7 @@ def pull(model: str = "gpt-oss-20b", *, layout: str = "hf", local_dir: Path | No
         hub.fetch_all(p.listing, p.files, p.target)  # links the snapshot and writes the ref, if missing
         console.print(f"[green]already downloaded:[/] {escape(str(p.folder))}", soft_wrap=True)
         return p.folder
+    check_writable(p.target.root, "--local-dir" if local_dir is not None else "HF_HUB_CACHE")
     free = hub.free_space(p.target.root)
     if need > free:
         raise hub.DiskSpaceError(
@@ -271,6 +273,19 @@ def pull(model: str = "gpt-oss-20b", *, layout: str = "hf", local_dir: Path | No
     how = p.repo_id if local_dir is None else str(p.folder)
     console.print(f"chat with it: gptoss chat --model {escape(how)}", soft_wrap=True)
     return p.folder
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Say now, in one line, that ``folder`` cannot be made or written (not mid-download); it
+    creates nothing: the nearest existing folder above it must be a writable folder."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    why = None
+    if not existing.is_dir():
+        why = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    if why:
+        raise GptossError(f"cannot write to {folder}: {why}", f"choose a {option} you can write to")
 
 
 def _confirm(console, question: str) -> bool:
@@ -435,7 +450,13 @@ def write_tiny_random(local_dir: Path | None = None, console=None) -> Path:
     if (folder / "config.json").exists() and (existing is None or not existing.random_weights):
         raise GptossError(f"{folder} already holds another model; not overwriting it with random weights",
                           "choose another --local-dir")
-    write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
+    where = "--local-dir" if local_dir is not None else "GPTOSS_HOME"
+    check_writable(folder, where)
+    try:
+        write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
+    except OSError as e:
+        raise GptossError(f"cannot write tiny-random to {folder}: {e.strerror or e}",
+                          f"choose a {where} you can write to") from None
     console.print(f"[bold yellow]wrote tiny-random to {escape(str(folder))}: real file formats, RANDOM weights. "
                   "Everything a model loaded from it says is noise.[/]", soft_wrap=True)
     how = TINY_RANDOM if local_dir is None else str(folder)

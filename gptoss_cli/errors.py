@@ -7,6 +7,8 @@ The CLI prints that line and exits non-zero; it never shows a traceback for thes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class GptossError(Exception):
     """A problem with the user's input or environment, worded for the user."""
@@ -32,3 +34,10 @@ class ModelNotFoundError(GptossError):
 
 class ContextFullError(GptossError):
     """The prompt does not fit in the engine's context."""
+
+
+def why_not_written(path: str | Path, e: OSError) -> str:
+    """Why writing ``path`` failed, in words. A file standing where a folder must be is named:
+    the OS says only "File exists" or "Not a directory"."""
+    blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    return f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))

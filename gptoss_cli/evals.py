@@ -52,7 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ContextFullError, GptossError
+from .errors import ContextFullError, GptossError, why_not_written
 from .graders import Reply, grade
 from .harmony import EFFORTS, Malformed
 from .suites import Problem, Suite, load_suite, read_text, specs
@@ -327,15 +327,20 @@ def gate(scores: list[dict], fail_under: float | None, max_perplexity: float | N
     return failures
 
 
-def write_report(path: Path, report: dict) -> None:
-    """Atomically: a temporary file beside ``path``, then a rename over it."""
+def write_report(path: Path, report: dict | None) -> None:
+    """Atomically: a temporary file beside ``path``, then a rename over it. ``None`` only checks
+    that it can be written (before the model loads, rather than after the first problem)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if report is None:
+            tmp.write_text("", encoding="utf-8")
+            tmp.unlink()
+            return
         tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
-        raise GptossError(f"cannot write the report {path}: {e.strerror or e}") from None
+        raise GptossError(f"cannot write the report {path}: {why_not_written(path, e)}", "pass another --output") from None
 
 
 def load_previous(path: Path | None, settings: dict) -> dict | None:
@@ -406,6 +411,8 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
     if target:
         settings["endpoint"] = target.endpoint.url
     previous = load_previous(output, settings)
+    if output is not None:
+        write_report(output, None)
     done = {sample_key(s): s for s in (previous or {}).get("samples", []) if isinstance(s, dict)}
 
     from .loading import load_engine

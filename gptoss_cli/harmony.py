@@ -179,7 +179,7 @@ def render_message(message: Message, encoding: tiktoken.Encoding) -> list[int]:
     if message.role == "tool":
         tokens += text(message.name)
     else:
-        tokens += text(message.role) + (text(f":{message.name}") if message.name else [])
+        tokens += text(message.role) + (text(f":{message.name}") if message.name is not None else [])
     if message.recipient is not None and message.recipient != "all":
         tokens += text(f" to={message.recipient}")
     if message.channel is not None:
@@ -282,6 +282,11 @@ class Header(NamedTuple):
     content_type: str | None
 
 
+def _clip(words: str, limit: int = 40) -> str:
+    """Header words quoted in an error: the raw header is shown beside it, so a few suffice."""
+    return words if len(words) <= limit else words[: limit - 1] + "…"
+
+
 def parse_header(text: str, role: str | None) -> Header:
     """The fields of a decoded header, by the reference's rules (``parse_header_from_string``):
     ``<|channel|>NAME`` anywhere, then the role (unless the prompt gave it), then
@@ -306,7 +311,7 @@ def parse_header(text: str, role: str | None) -> Header:
         elif len(parts) > 1 or parts[0].startswith("to="):
             role, name = "tool", parts.pop(0)  # an unknown author with a recipient: a tool
         else:
-            raise HeaderError(f"unknown role {parts[0]!r}")
+            raise HeaderError(f"unknown role {_clip(parts[0])!r}")
     if parts and parts[0] == role:
         parts.pop(0)
     recipient = content_type = None
@@ -321,7 +326,7 @@ def parse_header(text: str, role: str | None) -> Header:
             if parts:
                 recipient = parts.pop().removeprefix("to=")
     if parts:
-        raise HeaderError(f"unexpected words in message header: {' '.join(parts)!r}")
+        raise HeaderError(f"unexpected words in message header: {_clip(' '.join(parts))!r}")
     return Header(role, name, channel, recipient, content_type)
 
 
@@ -335,6 +340,12 @@ class StreamParser:
     token is kept as its literal text, as the reference keeps it, and reported as ``Malformed``.
     ``role`` is the role the prompt already opened (``<|start|>assistant``); None expects
     ``<|start|>`` first.
+
+    One header is read differently on purpose: when the only word left after the channel is a
+    ``<|constrain|>`` type (``<|channel|>final <|constrain|>json``), this parser reads a content
+    type and the reference a recipient (``to=<|constrain|>json``). Both renderers write a message
+    with that content type and no recipient as exactly this header, so ours gives back the message
+    that was rendered, where the reference's would render as a tool call to ``<|constrain|>json``.
     """
 
     MAX_HEADER_TOKENS = 128  # longer than any real header: past it, the header is shown as text

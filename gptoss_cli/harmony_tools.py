@@ -11,7 +11,9 @@ closing brace is indented like its properties, not like its key; enum defaults a
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import GptossError
@@ -57,8 +59,93 @@ def _is_enum(schema) -> bool:
     return isinstance(values, list) and len(values) > 0
 
 
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# ---- JSON as Rust's serde_json reads and writes it ------------------------------------------
+# openai-harmony's Python binding hands a tool's schema to Rust as ``json.dumps`` text; serde_json
+# parses it into a ``Value`` and the renderer prints a default with ``to_string``. A number's text
+# thus goes Python repr -> serde_json's parser -> serde_json's printer, and both Rust steps differ
+# from Python's: the printer lays digits out the ``ryu`` way (``1e-6``, ``1e20``, ``1e16`` where
+# Python writes ``1e-06``, ``1e+20``, ``1e+16``), and the parser (without serde_json's
+# ``float_roundtrip`` feature) is not correctly rounded: it multiplies or divides the significand by
+# a power of ten in f64 arithmetic, so some floats come back one ulp off and print other digits.
+
+_U64_MAX = 2 ** 64 - 1
+_POW10 = [float(f"1e{i}") for i in range(309)]  # serde_json's POW10 table: correctly rounded literals
+
+
+def _serde_f64_from_parts(significand: int, exponent: int) -> float:
+    """serde_json's ``f64_from_parts``: ``significand`` x 10^``exponent``, rounded twice or more."""
+    f = float(significand)
+    while True:
+        if abs(exponent) < len(_POW10):
+            return f * _POW10[exponent] if exponent >= 0 else f / _POW10[-exponent]
+        if f == 0.0 or exponent >= 0:
+            return f if f == 0.0 else math.inf  # serde_json errors on the latter: out of range
+        f /= 1e308
+        exponent += 308
+
+
+def _serde_parse_number(text: str) -> int | float:
+    """A JSON number's text as serde_json's parser reads it: an int when it is an integer that
+    fits in u64 (or i64 when negative), else an f64 from the digits that fit in a u64."""
+    negative, text = text.startswith("-"), text.lstrip("-")
+    mantissa, _, exp_text = text.replace("E", "e").partition("e")
+    whole, _, frac = mantissa.partition(".")
+    significand, exponent, overflowed = 0, 0, False
+    for i, c in enumerate(whole + frac):
+        in_fraction = i >= len(whole)
+        if overflowed or significand * 10 + int(c) > _U64_MAX:
+            overflowed = True  # digits past u64 are dropped: whole ones still scale the value
+            exponent += 0 if in_fraction else 1
+            continue
+        significand = significand * 10 + int(c)
+        exponent -= 1 if in_fraction else 0
+    if not frac and not exp_text and not overflowed:
+        if not negative:
+            return significand
+        if significand <= 2 ** 63:
+            return -significand
+    value = _serde_f64_from_parts(significand, exponent + int(exp_text or 0))
+    return -value if negative else value
+
+
+def _rust_float(x: float) -> str:
+    """``x`` as serde_json prints an f64 (the ``ryu`` crate's ``format64``): the shortest digits
+    that round-trip (Python's ``repr`` finds the same ones), laid out the ryu way."""
+    if not math.isfinite(x):
+        return "null"  # serde_json's Value holds no NaN or infinity
+    sign = "-" if math.copysign(1.0, x) < 0 else ""
+    if x == 0:
+        return sign + "0.0"
+    shortest = decimal.Decimal(repr(abs(x))).normalize().as_tuple()  # DIGITS x 10^exponent
+    digits = "".join(map(str, shortest.digits))
+    length = len(digits)
+    point = length + shortest.exponent  # the value is 0.DIGITS x 10^point
+    if length <= point <= 16:                     # 1234e7 -> 12340000000.0
+        return f"{sign}{digits}{'0' * (point - length)}.0"
+    if 0 < point <= 16:                           # 1234e-2 -> 12.34
+        return f"{sign}{digits[:point]}.{digits[point:]}"
+    if -5 < point <= 0:                           # 1234e-6 -> 0.001234
+        return f"{sign}0.{'0' * -point}{digits}"
+    rest = f".{digits[1:]}" if length > 1 else ""  # 1e30, 1234e30 -> 1.234e33
+    return f"{sign}{digits[0]}{rest}e{point - 1}"
+
+
+def rust_json(value) -> str:
+    """``value`` as openai-harmony's renderer writes it: compact JSON, after the round trip
+    through serde_json described above. Objects keep their key order (serde_json's
+    ``preserve_order``); strings are escaped as Python's ``json`` does with ``ensure_ascii=False``."""
+    if value is None or isinstance(value, bool) or isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "null"
+        number = _serde_parse_number(json.dumps(value))
+        return str(number) if isinstance(number, int) else _rust_float(number)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(rust_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{rust_json(str(k))}:{rust_json(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def _default_text(schema, value, quote_enum_strings: bool = False) -> str:
@@ -67,7 +154,7 @@ def _default_text(schema, value, quote_enum_strings: bool = False) -> str:
         return f'"{value}"'
     if isinstance(value, str) and not quote_enum_strings:
         return value
-    return _json(value)
+    return rust_json(value)
 
 
 def _with_null(schema, type_str: str) -> str:
@@ -156,11 +243,10 @@ def _one_of_property(key: str, optional: str, prop: dict, indent: str) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    """Rust's ``str::lines``: split on newlines, drop one trailing empty line and trailing CRs."""
-    parts = text.split("\n") if text else []
-    if parts and parts[-1] == "":
-        parts.pop()
-    return [p[:-1] if p.endswith("\r") else p for p in parts]
+    """Rust's ``str::lines``: lines end at ``\n`` or ``\r\n``; the last one needs no ending.
+    A ``\r`` with no ``\n`` after it, at the very end too, is kept (Rust 1.77 on)."""
+    *ended, last = text.split("\n")
+    return [p.removesuffix("\r") for p in ended] + ([last] if last else [])
 
 
 def tools_section(tools: list[FunctionTool]) -> str:

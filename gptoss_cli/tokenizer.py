@@ -72,6 +72,11 @@ def _special_tokens() -> dict[str, int]:
 
 # Every special token of o200k_harmony, name -> id, in id order (one name per id).
 SPECIAL_TOKENS: dict[str, int] = _special_tokens()
+# Second names the encoding also accepts. tiktoken's o200k_harmony takes o200k_base's specials
+# (<|endofprompt|> is 200018) and then names every id from 200013 on <|reserved_N|>, so 200018 has
+# both names, and openai-harmony knows it only as <|reserved_200018|>: text with either name
+# encodes to 200018. Decoding gives <|endofprompt|>, as tiktoken's o200k_harmony does.
+SPECIAL_ALIASES: dict[str, int] = {"<|reserved_200018|>": 200018}
 
 TOKENIZER_JSON = "tokenizer.json"
 TIKTOKEN_FILE = "o200k_base.tiktoken"
@@ -220,7 +225,8 @@ def encoding_from_ranks(ranks: Mapping[bytes, int], name: str = ENCODING_NAME) -
     if problems:
         raise GptossError("the tokenizer's ranks are not o200k-like: " + "; ".join(problems))
     return tiktoken.Encoding(
-        name, pat_str=O200K_PATTERN, mergeable_ranks=dict(ranks), special_tokens=SPECIAL_TOKENS
+        name, pat_str=O200K_PATTERN, mergeable_ranks=dict(ranks),
+        special_tokens={**SPECIAL_TOKENS, **SPECIAL_ALIASES},
     )
 
 

@@ -55,6 +55,37 @@ def test_prompt_from_stdin_prints_answer_and_stats(tiny_full, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_stdin_prompt_asks_what_the_option_asks(tiny_full, tmp_path):
+    """`echo TEXT | gptoss chat --prompt -` is `--prompt TEXT`: stdin's trailing newline is not sent."""
+    common = ["--model", str(tiny_full), "--json", "--max-tokens", "4", "--temperature", "0"]
+    piped = _chat(tmp_path, "--prompt", "-", *common, stdin="What is 2+2?\n")
+    given = _chat(tmp_path, "--prompt", "What is 2+2?", *common)
+    assert piped.returncode == given.returncode == 0, piped.stderr + given.stderr
+    piped, given = json.loads(piped.stdout), json.loads(given.stdout)
+    assert piped["prompt"] == given["prompt"] == "What is 2+2?"
+    assert piped["stats"]["prompt_tokens"] == given["stats"]["prompt_tokens"]
+    assert (piped["raw"], piped["answer"]) == (given["raw"], given["answer"])
+
+
+@pytest.mark.parametrize("data, prompt", [
+    (b"hi\n", "hi"), (b"hi\r\n\n\n", "hi"), (b"\xef\xbb\xbfhi", "hi"), (b"  two\nlines \n", "  two\nlines "),
+    (b"caf\xc3\xa9\n", "café"),
+])
+def test_read_stdin_prompt(data, prompt, monkeypatch):
+    import io
+
+    from gptoss_cli.chat import read_stdin_prompt
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert read_stdin_prompt() == prompt
+
+
+def test_stdin_that_is_not_utf8_gets_one_line(tmp_path):
+    r = subprocess.run(GPTOSS + ["chat", "--model", "tiny-random", "--prompt", "-"], capture_output=True,
+                       input=b"caf\xe9\n", env=_env(tmp_path), timeout=300)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert b"not UTF-8" in r.stderr and len(r.stderr.decode().strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--json"], ["--json goes with --prompt"]),
     (["--model", "/nonexistent/folder", "--prompt", "x"], ["does not exist"]),
@@ -88,6 +119,7 @@ def test_help_lists_the_choices(tmp_path):
     assert r.returncode == 0
     for choices in ("low|medium|high", "show|hide", "auto|bfloat16|float32"):
         assert choices in r.stdout
+    assert "model-identity line" in r.stdout      # --system replaces that line, it adds nothing
 
 
 def test_broken_checkpoint_gets_one_line(tiny_hf_single, tmp_path):
@@ -136,6 +168,23 @@ def test_save_load_round_trip_and_markdown(tiny_full, tmp_path):
     assert other.to_dict() == s.to_dict()
     assert other.conv.reasoning_effort == "high"
     assert other.history() == s.history()
+
+
+def test_bad_command_arguments_are_said(tiny_full, tmp_path):
+    """/set with a word, /trim with a word, /save under a file: one clear line each."""
+    from gptoss_cli.chat import Repl
+    from gptoss_cli.errors import GptossError
+
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32")
+    repl = Repl(ChatSession(eng, Conversation(), Settings(max_tokens=2)), str(tiny_full))
+    (tmp_path / "a-file").write_text("x")
+    for line, words in [("/set temperature abc", "'abc' for temperature: not a number"),
+                        ("/set max_tokens 2.5", "not an integer"), ("/set top_p nan", "not a number"),
+                        ("/trim two", "/trim takes a number of turns"),
+                        (f"/save {tmp_path / 'a-file' / 't.json'}", "a-file is a file, not a folder")]:
+        with pytest.raises(GptossError, match=words):
+            repl.command(line)
+    assert repl.session.settings.temperature == 1.0
 
 
 def _spawn(tiny_full, tmp_path, *extra):

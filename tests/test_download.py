@@ -670,6 +670,30 @@ def test_tiny_random_offline_and_list(env, monkeypatch):
     assert REPO in listing.output and "tiny-random" in listing.output and "random weights" in listing.output
 
 
+@pytest.mark.parametrize("where", ["local-dir", "home"])
+def test_tiny_random_into_a_folder_that_cannot_be_made(where, env, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if where == "home":
+        monkeypatch.setenv("GPTOSS_HOME", str(blocker / "home"))
+        r = cli("tiny-random")
+    else:
+        r = cli("tiny-random", "--local-dir", str(blocker / "tiny"))
+    assert r.exit_code == 1
+    line = one_line_error(r)
+    assert "cannot write to" in line and "a-file is a file, not a folder" in line
+    assert ("--local-dir" if where == "local-dir" else "GPTOSS_HOME") in line
+
+
+def test_download_into_a_folder_that_cannot_be_made_stops_before_fetching(env, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    r = cli(REPO, "--yes", "--local-dir", str(tmp_path / "a-file" / "model"))
+    assert r.exit_code == 1
+    line = one_line_error(r)
+    assert "a-file is a file, not a folder" in line and "--local-dir" in line
+    assert not env.gets(".safetensors")  # no weight file was requested
+
+
 def test_list_when_nothing_is_on_disk(env):
     r = cli("--list")
     assert r.exit_code == 0 and "no gpt-oss model on disk yet" in r.output

@@ -207,6 +207,14 @@ def test_bad_input(args, words):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_an_output_that_cannot_be_written_is_said_before_the_model_loads(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = invoke("arithmetic", "--model", "/nonexistent/model", "--output", tmp_path / "a-file" / "r.json")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "cannot write the report" in result.output and "a-file is a file, not a folder" in result.output
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
 def test_list():
     result = invoke("--list")
     assert result.exit_code == 0

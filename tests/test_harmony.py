@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
+import struct
 
 import pytest
 
@@ -13,6 +15,7 @@ from gptoss_cli.harmony import (
     STOP_TOKEN_IDS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart,
     Stop, StreamParser, TextDelta, history_after_reply, render_completion, render_message,
 )
+from gptoss_cli.harmony_tools import rust_json
 
 oh = pytest.importorskip("openai_harmony")
 
@@ -95,6 +98,8 @@ SHAPES = {
     "unicode": [user("Héllo 你好 🎉 👩\u200d👩\u200d👧 e\u0301 \u200b ＦＵＬＬ"), analysis("∑ Ω ≈ √"),
                 final("Ça va? مرحبا 🇫🇷"), user("literal <|end|> and <|start|> text\r\n\t  ")],
     "named_user_and_empty": [Message("user", "", name="alice"), final(""), user(" ")],
+    "empty_author_names": [Message("user", "hi", name=""), Message("assistant", "a", "final", name=""),
+                           Message("user", "ok", name="bob")],
 }
 
 
@@ -159,6 +164,58 @@ def test_render_function_schemas(name, o200k_encoding, harmony_oracle):
              FunctionTool("no_description", "", {"type": "object", "properties": {}})]
     conv = Conversation([user("go")], current_date="2025-01-31", tools=tools)
     assert_renders_like_oracle(conv, o200k_encoding, harmony_oracle)
+
+
+NAMED_NUMBERS = [  # (value, serde_json's text): the issue's cases and ryu's layout boundaries
+    (1e-06, "1e-6"), (1e+20, "1e20"), (2 ** 70, "1.1805916207174113e21"), (0.1, "0.1"), (1.5, "1.5"),
+    (-0.0, "-0.0"), (1e16, "1e16"), (123456789012345678, "123456789012345678"),
+    (1e15, "1000000000000000.0"), (1e-05, "0.00001"), (0.0001, "0.0001"), (5e-324, "5e-324"),
+    (2 ** 64 - 1, "18446744073709551615"), (2 ** 64, "1.8446744073709552e19"),
+    (-2 ** 63, "-9223372036854775808"), (-2 ** 63 - 1, "-9.223372036854776e18"), (0, "0"), (0.0, "0.0"),
+    (-1, "-1"), (1234560000000.0, "1234560000000.0"), (123.456, "123.456"),
+    (1.7976931348623157e308, "1.7976931348623157e308"),
+    (2.7715077941825975e-163, "2.7715077941825978e-163"),  # serde_json's parser lands one ulp off
+]
+
+
+def _many_numbers() -> list:
+    """Floats of every magnitude (random bits, random 17-digit decimals, powers of 2 and 10) and
+    integers around the u64/i64 limits, where serde_json switches to f64."""
+    rng = random.Random(3)
+    floats = [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(1500)]
+    floats += [float(f"{rng.randint(1, 10 ** 17 - 1)}e{rng.randint(-340, 300)}") for _ in range(1500)]
+    floats += [10.0 ** e for e in range(-323, 309)] + [2.0 ** e for e in range(-1074, 1024, 5)]
+    ints = [rng.randint(-2 ** 80, 2 ** 80) for _ in range(300)] + [s * 2 ** e + d for e in (53, 63, 64, 70)
+                                                                  for s in (1, -1) for d in (-1, 0, 1)]
+    return [*(v for v, _ in NAMED_NUMBERS), *ints, *(f for f in floats if math.isfinite(f))]
+
+
+def test_numbers_print_as_serde_json_does():
+    assert [(v, rust_json(v)) for v, _ in NAMED_NUMBERS] == NAMED_NUMBERS
+    nested = {"a": [1e-06, 2 ** 70, True, None, "é\n"], "b": {}}
+    assert rust_json(nested) == '{"a":[1e-6,1.1805916207174113e21,true,null,"é\\n"],"b":{}}'
+
+
+def test_schema_defaults_render_like_openai_harmony(o200k_encoding, harmony_oracle):
+    """Every number a schema's ``default`` can hold prints as openai-harmony prints it."""
+    numbers = _many_numbers()
+    assert len(numbers) > 4000
+    for at in range(0, len(numbers), 1000):
+        properties = {f"n{i}": {"type": "number", "default": v} for i, v in enumerate(numbers[at:at + 1000])}
+        properties["list"] = {"type": "array", "default": numbers[at:at + 20]}
+        properties["object"] = {"type": "object", "default": {"z": 1e-7, "a": [-0.0, 1e300]}}
+        tool = FunctionTool("f", "Numbers.", {"type": "object", "properties": properties})
+        assert_renders_like_oracle(Conversation([user("go")], current_date="2025-01-31", tools=[tool]),
+                                   o200k_encoding, harmony_oracle)
+
+
+@pytest.mark.parametrize("description", ["ends in CR\r", "two\r\rlines\r\n\r", "a\rb\nc\r\n", "\r", "\n\n", "",
+                                         "trailing\n", "x\n\r"])
+def test_tool_description_lines_like_rust(description, o200k_encoding, harmony_oracle):
+    """Rust's str::lines: a line ends at \\n or \\r\\n; a lone \\r, at the end too, stays."""
+    tools = [FunctionTool("f", description, {"type": "object", "properties": {}}), FunctionTool("g", description)]
+    assert_renders_like_oracle(Conversation([user("go")], current_date="2025-01-31", tools=tools),
+                               o200k_encoding, harmony_oracle)
 
 
 def test_reasoning_effort_changes_between_turns(o200k_encoding, harmony_oracle):
@@ -414,6 +471,29 @@ def test_unreadable_header(stream, raw, message, o200k_encoding):
     assert parser.messages == [message]
 
 
+def test_constrain_only_header_is_a_content_type(o200k_encoding, harmony_oracle):
+    """Deliberately unlike the reference (StreamParser's docstring): a header whose only word
+    after the channel is ``<|constrain|>json`` is read as the content type, which round-trips."""
+    message = Message("assistant", '{"a": 1}', "final", content_type="<|constrain|>json")
+    oracle_message = oh.Message(author=oh.Author(role=oh.Role.ASSISTANT), content=[oh.TextContent(text='{"a": 1}')],
+                                channel="final", content_type="<|constrain|>json")
+    tokens = render_message(message, o200k_encoding)
+    assert tokens == harmony_oracle.render(oracle_message)  # both render the same header
+    parser = StreamParser(o200k_encoding, role=None)
+    events = feed_all(parser, tokens)
+    assert parser.messages == [message] and not malformed(events)
+    ref = harmony_oracle.parse_messages_from_completion_tokens(tokens, None)
+    assert (ref[0].recipient, ref[0].content_type) == ("<|constrain|>json", None)
+
+
+def test_an_unreadable_header_is_quoted_short(o200k_encoding):
+    """The raw header is in Malformed.text; the reason quotes only its start."""
+    words = " ".join(f"w{i}" for i in range(30))  # within MAX_HEADER_TOKENS
+    parser, events = parse_text(o200k_encoding, f"<|channel|>final {words}<|message|>x<|end|>")
+    bad = malformed(events)[0]
+    assert bad.text == f"<|channel|>final {words}" and len(bad.reason) < 120 and "…" in bad.reason
+
+
 def test_text_outside_a_message_and_bad_ids(o200k_encoding):
     stream = "stray words<|start|>assistant<|channel|>final<|message|>x<|return|>"
     parser, events = parse_text(o200k_encoding, stream, role=None)
@@ -429,6 +509,23 @@ def test_endless_header_is_shown_as_text(o200k_encoding):
     parser, events = parse_text(o200k_encoding, words + "<|end|>")  # no <|message|> ever comes
     assert visible_text(events) == words
     assert parser.messages and parser.messages[0].channel is None
+
+
+def test_any_ids_never_raise(o200k_encoding):
+    """Ids from the whole vocabulary (specials often), out of range, and not ints at all."""
+    specials = list(range(199998, 201088))
+    rng = random.Random(1)
+    for _ in range(300):
+        parser = StreamParser(o200k_encoding, role=rng.choice(["assistant", None, "user", "system", "developer"]))
+        for _ in range(rng.randint(0, 60)):
+            kind = rng.random()
+            t = rng.choice(specials) if kind < 0.4 else rng.randrange(199998) if kind < 0.95 else rng.choice(
+                [-5, 201088, 2 ** 40, None, "x", 3.5])
+            events = parser.feed(t) if rng.random() > 0.03 else parser.finish()  # finish, then go on
+            assert all(isinstance(e, (MessageStart, TextDelta, MessageEnd, Stop, Malformed)) for e in events)
+        parser.finish()
+        parser.finish()
+        assert all(isinstance(m, Message) for m in parser.messages)
 
 
 def test_random_token_soup_never_raises(o200k_encoding):

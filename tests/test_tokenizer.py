@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import tiktoken
 
 from gptoss_cli import tokenizer as tk
 from gptoss_cli.errors import GptossError
@@ -52,7 +53,30 @@ def test_specials_have_their_ids(o200k_encoding):
             assert name == f"<|reserved_{i}|>"
         assert enc.encode(name, allowed_special="all") == [i]
         assert enc.decode([i]) == name
-    assert enc.special_tokens_set == set(SPECIAL_TOKENS)
+    assert enc.special_tokens_set == set(SPECIAL_TOKENS) | {"<|reserved_200018|>"}
+
+
+def test_both_names_of_200018(o200k_encoding, harmony_oracle):
+    """tiktoken's o200k_harmony names 200018 <|endofprompt|> (from o200k_base) and
+    <|reserved_200018|>; openai-harmony knows only the latter. Either encodes to 200018."""
+    for name in ("<|endofprompt|>", "<|reserved_200018|>"):
+        assert o200k_encoding.encode(name, allowed_special="all") == [200018]
+        assert o200k_encoding.encode(f"a{name}b", allowed_special="all")[1] == 200018
+    assert harmony_oracle.encode("<|reserved_200018|>", allowed_special="all") == [200018]
+    assert o200k_encoding.decode([200018]) == "<|endofprompt|>"
+
+
+def test_specials_equal_tiktoken_o200k_harmony(o200k_dir, o200k_encoding, monkeypatch):
+    """tiktoken's own o200k_harmony definition, its ranks read from the local file (offline)."""
+    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    local = str(o200k_dir / "o200k_base.tiktoken")
+    load = openai_public.load_tiktoken_bpe
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda _url, **kw: load(local, **kw))
+    spec = openai_public.o200k_harmony()
+    assert o200k_encoding._special_tokens == spec["special_tokens"]
+    theirs = tiktoken.Encoding("theirs", pat_str=spec["pat_str"], mergeable_ranks=spec["mergeable_ranks"],
+                               special_tokens=spec["special_tokens"])
+    assert theirs.decode([200018]) == o200k_encoding.decode([200018])
 
 
 def test_specials_agree_with_openai_harmony(o200k_encoding, harmony_oracle):
