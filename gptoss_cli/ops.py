@@ -10,6 +10,10 @@ Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` in
 - ``GPTOSS_KERNELS=1``: always the kernels, on CPU too (only useful under ``TRITON_INTERPRET=1``:
   the tests run the whole engine that way).
 
+On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implementation instead
+(``moe``: ``cpu_moe.moe``, a fused MXFP4 C++ library that itself falls back to the reference,
+with a warning, where it cannot be built).
+
 There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
 plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
 Norms, softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
@@ -56,12 +60,19 @@ def use_kernels(device: torch.device) -> bool:
 KERNEL_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
-def _kernel_op(module: str, kernels: tuple[str, ...]):
+def use_cpu_native(device: torch.device) -> bool:
+    """Whether ops on tensors of ``device`` run their native CPU implementation (``cpu=``)."""
+    return device.type == "cpu" and os.environ.get(KERNELS_ENV, "auto") == "auto"
+
+
+def _kernel_op(module: str, kernels: tuple[str, ...], cpu: str | None = None):
     """Run ``gptoss_kernels.<module>.<op name>`` instead of the decorated reference when
-    ``use_kernels`` holds for the first argument's device."""
+    ``use_kernels`` holds for the first argument's device; ``cpu``: a ``gptoss_cli`` module whose
+    function of the op's name runs on CPU tensors when ``use_cpu_native`` holds."""
 
     def deco(ref):
         impl = []
+        native = []
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
@@ -69,6 +80,10 @@ def _kernel_op(module: str, kernels: tuple[str, ...]):
                 if not impl:
                     impl.append(getattr(importlib.import_module(f"gptoss_kernels.{module}"), ref.__name__))
                 return impl[0](*args, **kwargs)
+            if cpu is not None and use_cpu_native(args[0].device):
+                if not native:
+                    native.append(getattr(importlib.import_module(f"gptoss_cli.{cpu}"), ref.__name__))
+                return native[0](*args, **kwargs)
             return ref(*args, **kwargs)
 
         op.reference = ref
@@ -231,7 +246,8 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     return torch.softmax(top.float(), dim=-1), experts
 
 
-@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"))
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"),
+            cpu="cpu_moe")
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,

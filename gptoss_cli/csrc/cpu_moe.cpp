@@ -1,0 +1,250 @@
+// Fused MXFP4 mixture of experts for the CPU: gpt-oss's top-k MoE after the router.
+//
+// Why: the PyTorch reference dequantizes each chosen expert whole into float32 before its
+// matmul, so a decode step writes and rereads ~8x the bytes the packed experts hold. Here the
+// packed weights are read once: a tile of NR rows is decoded into a small float buffer (L1/L2),
+// used for every token routed to that expert, and dropped. Decode (1-8 tokens) and prefill
+// (hundreds) run the same code; with few tokens the tile decode is hidden under the memory
+// reads, with many it is amortized over the tokens.
+//
+// Format (OCP Microscaling v1.0, MXFP4): blocks uint8 [E, rows, in/32, 16], two FP4 E2M1 codes
+// a byte, low nibble first; scales uint8 [E, rows, in/32], E8M0, value 2^(s-127).
+// Layout trick: a decoded block is stored de-interleaved, the 16 low-nibble values (even
+// columns) then the 16 high-nibble values (odd columns); the activations are permuted the same
+// way once per call, so every dot product is a straight run of 16-wide FMAs.
+//
+// Threads: plain std::threads per parallel phase (no pool, so nothing spins when idle): phase 1
+// splits W1's output rows (gate/linear pairs) of every used expert, phase 2 splits W2's output
+// rows, each thread summing all experts into its own rows of the output (no races, and the
+// experts are added in ascending id order, as the reference does).
+//
+// C ABI (loaded with ctypes): gptoss_moe(...) below; returns 0, or a negative code on bad input.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define GPTOSS_SIMD "avx512"
+#else
+#define GPTOSS_SIMD "scalar"
+#endif
+
+namespace {
+
+constexpr int NR = 4;   // weight rows per tile
+constexpr int NT = 4;   // tokens per micro-kernel call
+const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                       -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+struct Scales {
+    float v[256];
+    Scales() { for (int s = 0; s < 256; ++s) v[s] = std::ldexp(1.0f, s - 127); }
+};
+const Scales E8M0;
+
+// One row of G blocks -> G*32 floats, de-interleaved per block (even columns, then odd).
+inline void decode_row(const uint8_t* blocks, const uint8_t* scales, int64_t G, float* out) {
+#if defined(__AVX512F__)
+    const __m512 lut = _mm512_loadu_ps(FP4);
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t g = 0; g < G; ++g) {
+        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
+        __m512 s = _mm512_set1_ps(E8M0.v[scales[g]]);
+        _mm512_storeu_ps(out + 32 * g, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, low), lut), s));
+        _mm512_storeu_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut), s));
+    }
+#else
+    for (int64_t g = 0; g < G; ++g) {
+        float s = E8M0.v[scales[g]];
+        for (int j = 0; j < 16; ++j) {
+            uint8_t b = blocks[16 * g + j];
+            out[32 * g + j] = FP4[b & 15] * s;
+            out[32 * g + 16 + j] = FP4[b >> 4] * s;
+        }
+    }
+#endif
+}
+
+// out[t][r] = dot(x[t], w[r]) over K (a multiple of 32), for T <= NT tokens and R <= NR rows.
+template <int T, int R>
+inline void micro(const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+#if defined(__AVX512F__)
+    __m512 acc[T][R];
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
+        for (int t = 0; t < T; ++t) {
+            __m512 xv = _mm512_loadu_ps(x[t] + k);
+            for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+#else
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; ++k) s += x[t][k] * w[r * K + k];
+            out[t][r] = s;
+        }
+#endif
+}
+
+template <int T>
+inline void micro_r(int R, const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+    switch (R) {
+        case 1: micro<T, 1>(x, w, K, out); break;
+        case 2: micro<T, 2>(x, w, K, out); break;
+        case 3: micro<T, 3>(x, w, K, out); break;
+        default: micro<T, 4>(x, w, K, out); break;
+    }
+}
+
+inline void dots(int T, int R, const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+    switch (T) {
+        case 1: micro_r<1>(R, x, w, K, out); break;
+        case 2: micro_r<2>(R, x, w, K, out); break;
+        case 3: micro_r<3>(R, x, w, K, out); break;
+        default: micro_r<4>(R, x, w, K, out); break;
+    }
+}
+
+// Position of column c in the de-interleaved order of its 32-wide block.
+inline int64_t permuted(int64_t c) { return (c & ~int64_t(31)) + ((c & 31) >> 1) + ((c & 1) << 4); }
+
+inline float bias_at(const void* bias, int bf16, int64_t i) {
+    if (!bf16) return static_cast<const float*>(bias)[i];
+    uint32_t bits = uint32_t(static_cast<const uint16_t*>(bias)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+template <class Fn>
+void parallel(int n_threads, Fn fn) {
+    std::vector<std::thread> pool;
+    for (int i = 1; i < n_threads; ++i) pool.emplace_back(fn, i);
+    fn(0);
+    for (auto& th : pool) th.join();
+}
+
+struct Expert {
+    int64_t id;
+    std::vector<int64_t> tokens;   // token index per routed slot
+    std::vector<float> weights;    // router weight per routed slot
+    float* act;                    // [n, F] SwiGLU outputs, de-interleaved along F
+};
+
+}  // namespace
+
+extern "C" {
+
+const char* gptoss_moe_simd() { return GPTOSS_SIMD; }
+
+// x [N, D] float32; experts [N, k] int64 and weights [N, k] float32 (the router's top-k);
+// w1 blocks/scales [E, 2F, D/32, 16|.], bias [E, 2F]; w2 blocks/scales [E, D, F/32, 16|.],
+// bias [E, D] (biases float32, or bf16 when bias_bf16); out [N, D] float32, overwritten.
+int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
+               const int64_t* experts, const float* weights, int64_t k,
+               const uint8_t* w1_blocks, const uint8_t* w1_scales, const void* w1_bias,
+               const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
+               int bias_bf16, float limit, float* out, int n_threads) {
+    if (N < 0 || D <= 0 || F <= 0 || D % 32 || F % 32 || k <= 0) return -1;
+    n_threads = std::max(1, n_threads);
+    const int64_t GD = D / 32, GF = F / 32;
+
+    // group the routed slots by expert, ascending id
+    std::vector<int64_t> slot_of(E, -1);
+    std::vector<Expert> used;
+    for (int64_t e = 0; e < E; ++e) {
+        bool any = false;
+        for (int64_t i = 0; i < N * k && !any; ++i) any = experts[i] == e;
+        if (any) used.push_back(Expert{e, {}, {}, nullptr});
+    }
+    for (size_t u = 0; u < used.size(); ++u) slot_of[used[u].id] = int64_t(u);
+    for (int64_t i = 0; i < N * k; ++i) {
+        int64_t e = experts[i];
+        if (e < 0 || e >= E) return -2;
+        used[slot_of[e]].tokens.push_back(i / k);
+        used[slot_of[e]].weights.push_back(weights[i]);
+    }
+    int64_t slots = 0;
+    for (auto& ex : used) slots += int64_t(ex.tokens.size());
+    std::vector<float> act(size_t(slots * F));
+    std::vector<float> xp(size_t(N * D));   // x, de-interleaved per 32-wide block
+    for (int64_t t = 0; t < N; ++t)
+        for (int64_t c = 0; c < D; ++c) xp[t * D + permuted(c)] = x[t * D + c];
+    float* next = act.data();
+    for (auto& ex : used) { ex.act = next; next += ex.tokens.size() * F; }
+
+    // phase 1: h = W1 x + b1 on pairs of rows (gate 2f, linear 2f+1), a = SwiGLU(h)
+    parallel(n_threads, [&](int tid) {
+        const int64_t p0 = F * tid / n_threads, p1 = F * (tid + 1) / n_threads;
+        std::vector<float> tile(size_t(NR * D));
+        float h[NT][NR];
+        const float* xs[NT];
+        for (const auto& ex : used) {
+            const int64_t n = int64_t(ex.tokens.size());
+            const uint8_t* blk = w1_blocks + ex.id * 2 * F * GD * 16;
+            const uint8_t* scl = w1_scales + ex.id * 2 * F * GD;
+            for (int64_t p = p0; p < p1; p += NR / 2) {
+                const int R = int(std::min<int64_t>(NR / 2, p1 - p)) * 2;
+                for (int r = 0; r < R; ++r)
+                    decode_row(blk + (2 * p + r) * GD * 16, scl + (2 * p + r) * GD, GD, tile.data() + r * D);
+                for (int64_t t0 = 0; t0 < n; t0 += NT) {
+                    const int T = int(std::min<int64_t>(NT, n - t0));
+                    for (int t = 0; t < T; ++t) xs[t] = xp.data() + ex.tokens[t0 + t] * D;
+                    dots(T, R, xs, tile.data(), D, h);
+                    for (int t = 0; t < T; ++t)
+                        for (int r = 0; r < R; r += 2) {
+                            const int64_t f = p + r / 2;
+                            float g = h[t][r] + bias_at(w1_bias, bias_bf16, ex.id * 2 * F + 2 * f);
+                            float l = h[t][r + 1] + bias_at(w1_bias, bias_bf16, ex.id * 2 * F + 2 * f + 1);
+                            g = std::min(g, limit);
+                            l = std::min(std::max(l, -limit), limit);
+                            const float glu = g / (1.0f + std::exp(-1.702f * g));
+                            ex.act[(t0 + t) * F + permuted(f)] = glu * (l + 1.0f);
+                        }
+                }
+            }
+        }
+    });
+
+    // phase 2: out[tok] = sum over experts of weight * (W2 a + b2), rows split over threads
+    std::fill(out, out + N * D, 0.0f);
+    parallel(n_threads, [&](int tid) {
+        const int64_t r0 = D * tid / n_threads, r1 = D * (tid + 1) / n_threads;
+        std::vector<float> tile(size_t(NR * F));
+        float y[NT][NR];
+        const float* as[NT];
+        for (int64_t row = r0; row < r1; row += NR) {
+            const int R = int(std::min<int64_t>(NR, r1 - row));
+            for (const auto& ex : used) {
+                const int64_t n = int64_t(ex.tokens.size());
+                for (int r = 0; r < R; ++r)
+                    decode_row(w2_blocks + (ex.id * D + row + r) * GF * 16, w2_scales + (ex.id * D + row + r) * GF,
+                               GF, tile.data() + r * F);
+                for (int64_t t0 = 0; t0 < n; t0 += NT) {
+                    const int T = int(std::min<int64_t>(NT, n - t0));
+                    for (int t = 0; t < T; ++t) as[t] = ex.act + (t0 + t) * F;
+                    dots(T, R, as, tile.data(), F, y);
+                    for (int t = 0; t < T; ++t)
+                        for (int r = 0; r < R; ++r) {
+                            const float b = bias_at(w2_bias, bias_bf16, ex.id * D + row + r);
+                            out[ex.tokens[t0 + t] * D + row + r] += (y[t][r] + b) * ex.weights[t0 + t];
+                        }
+                }
+            }
+        }
+    });
+    return 0;
+}
+
+}  // extern "C"
