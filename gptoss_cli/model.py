@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .cache import KVCache
@@ -91,7 +90,7 @@ class Transformer:
         """Attention sublayer on normed ``h`` [B, T, D] at positions ``q_pos`` [T]."""
         cfg = self.cfg
         B, T, _ = h.shape
-        qkv = F.linear(h, b.qkv_w, b.qkv_b)
+        qkv = ops.linear(h, b.qkv_w, b.qkv_b)
         q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
         k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
@@ -100,7 +99,7 @@ class Transformer:
         q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots)
         keys, values, k_pos = layer.attend(q_pos, start)
         o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale)
-        return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
+        return ops.linear(o.reshape(B, T, cfg.q_dim), b.out_w, b.out_b)
 
     def mlp(self, b: Block, h: torch.Tensor) -> torch.Tensor:
         """MoE sublayer on normed ``h`` [B, T, D]."""
@@ -142,4 +141,4 @@ class Transformer:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] -> float32 logits [..., vocab]."""
-        return F.linear(hidden, self.unembedding).float()
+        return ops.linear(hidden, self.unembedding).float()

@@ -70,16 +70,32 @@ inline void decode_row(const uint8_t* blocks, const uint8_t* scales, int64_t G, 
 #endif
 }
 
-// out[t][r] = dot(x[t], w[r]) over K (a multiple of 32), for T <= NT tokens and R <= NR rows.
-template <int T, int R>
-inline void micro(const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {   // 16 bf16 -> float32 (exact: the top halves)
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#endif
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+    uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// out[t][r] = dot(x[t], w[r]) over K (a multiple of 16), for T <= NT tokens and R <= NR rows;
+// w float32 (a decoded tile) or bf16 (a weight read in place), rows K apart.
+template <int T, int R, class W>
+inline void micro(const float* const* x, const W* w, int64_t K, float out[NT][NR]) {
 #if defined(__AVX512F__)
     __m512 acc[T][R];
     for (int t = 0; t < T; ++t)
         for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         __m512 wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
+        for (int r = 0; r < R; ++r) wv[r] = load16(w + r * K + k);
         for (int t = 0; t < T; ++t) {
             __m512 xv = _mm512_loadu_ps(x[t] + k);
             for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
@@ -91,14 +107,14 @@ inline void micro(const float* const* x, const float* w, int64_t K, float out[NT
     for (int t = 0; t < T; ++t)
         for (int r = 0; r < R; ++r) {
             float s = 0.0f;
-            for (int64_t k = 0; k < K; ++k) s += x[t][k] * w[r * K + k];
+            for (int64_t k = 0; k < K; ++k) s += x[t][k] * widen(w[r * K + k]);
             out[t][r] = s;
         }
 #endif
 }
 
-template <int T>
-inline void micro_r(int R, const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+template <int T, class W>
+inline void micro_r(int R, const float* const* x, const W* w, int64_t K, float out[NT][NR]) {
     switch (R) {
         case 1: micro<T, 1>(x, w, K, out); break;
         case 2: micro<T, 2>(x, w, K, out); break;
@@ -107,7 +123,8 @@ inline void micro_r(int R, const float* const* x, const float* w, int64_t K, flo
     }
 }
 
-inline void dots(int T, int R, const float* const* x, const float* w, int64_t K, float out[NT][NR]) {
+template <class W>
+inline void dots(int T, int R, const float* const* x, const W* w, int64_t K, float out[NT][NR]) {
     switch (T) {
         case 1: micro_r<1>(R, x, w, K, out); break;
         case 2: micro_r<2>(R, x, w, K, out); break;
@@ -120,11 +137,14 @@ inline void dots(int T, int R, const float* const* x, const float* w, int64_t K,
 inline int64_t permuted(int64_t c) { return (c & ~int64_t(31)) + ((c & 31) >> 1) + ((c & 1) << 4); }
 
 inline float bias_at(const void* bias, int bf16, int64_t i) {
-    if (!bf16) return static_cast<const float*>(bias)[i];
-    uint32_t bits = uint32_t(static_cast<const uint16_t*>(bias)[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return bf16 ? widen(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
+}
+
+// A thread costs tens of microseconds to start (more on a busy machine): only for work that
+// amortizes it.
+constexpr int64_t MIN_WORK_PER_THREAD = int64_t(1) << 20;   // multiply-adds
+inline int threads_for(int asked, int64_t work) {
+    return int(std::max<int64_t>(1, std::min<int64_t>(asked, work / MIN_WORK_PER_THREAD)));
 }
 
 template <class Fn>
@@ -157,7 +177,7 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
                const uint8_t* w2_blocks, const uint8_t* w2_scales, const void* w2_bias,
                int bias_bf16, float limit, float* out, int n_threads) {
     if (N < 0 || D <= 0 || F <= 0 || D % 32 || F % 32 || k <= 0) return -1;
-    n_threads = std::max(1, n_threads);
+    n_threads = threads_for(n_threads, N * k * 3 * D * F);
     const int64_t GD = D / 32, GF = F / 32;
 
     // group the routed slots by expert, ascending id
@@ -241,6 +261,35 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
                             out[ex.tokens[t0 + t] * D + row + r] += (y[t][r] + b) * ex.weights[t0 + t];
                         }
                 }
+            }
+        }
+    });
+    return 0;
+}
+
+// y [M, O] float32 = x [M, K] @ w [O, K]^T + bias [O] (bias may be null), x, w, bias bf16,
+// K a multiple of 16. For the few rows of a decode step, where PyTorch's bf16 matmul on CPU
+// reads its weight at a fraction of the memory bandwidth: rows of w are split over threads,
+// each read once and widened to float32 in registers.
+int gptoss_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t O,
+                       const uint16_t* bias, float* y, int n_threads) {
+    if (M <= 0 || K <= 0 || K % 16 || O <= 0) return -1;
+    n_threads = threads_for(n_threads, M * O * K);
+    std::vector<float> xf(size_t(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(x[i]);
+    parallel(n_threads, [&](int tid) {
+        const int64_t r0 = O * tid / n_threads, r1 = O * (tid + 1) / n_threads;
+        float acc[NT][NR];
+        const float* xs[NT];
+        for (int64_t row = r0; row < r1; row += NR) {
+            const int R = int(std::min<int64_t>(NR, r1 - row));
+            for (int64_t t0 = 0; t0 < M; t0 += NT) {
+                const int T = int(std::min<int64_t>(NT, M - t0));
+                for (int t = 0; t < T; ++t) xs[t] = xf.data() + (t0 + t) * K;
+                dots(T, R, xs, w + row * K, K, acc);
+                for (int t = 0; t < T; ++t)
+                    for (int r = 0; r < R; ++r)
+                        y[(t0 + t) * O + row + r] = acc[t][r] + (bias ? widen(bias[row + r]) : 0.0f);
             }
         }
     });
