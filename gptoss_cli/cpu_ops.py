@@ -18,7 +18,8 @@ so each machine builds it once.
 When there is no C++ compiler (or the build fails) the reference runs instead, with one warning
 saying why and what to install; ``status()`` says which path runs (``gptoss bench`` reports it).
 ``GPTOSS_KERNELS=0`` forces the reference everywhere (A/B runs). ``GPTOSS_THREADS`` sets the
-thread count (default: the cores this process may run on).
+thread count of the library and of PyTorch's CPU ops (default: PyTorch's, i.e. the physical
+cores); the threads are started per call and joined, so none spins while the machine is shared.
 
 ``linear``: PyTorch's bf16 matmul on CPU reads its weight at a fraction of the memory bandwidth
 when only a few rows come in (measured 1.5-3.7 GB/s against 8.7 for float32 on this machine), so
@@ -56,20 +57,26 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
 def cpu_threads() -> int:
-    """Threads for CPU work: ``$GPTOSS_THREADS``, else the cores this process may use."""
+    """Threads for CPU work: ``$GPTOSS_THREADS``, else PyTorch's own count (its default is the
+    physical cores, or ``OMP_NUM_THREADS``), so one setting governs both."""
     value = os.environ.get(THREADS_ENV)
-    if value:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise GptossError(f"{THREADS_ENV}={value!r} is not a thread count", "use a positive integer, or unset it")
-        return n
+    if not value:
+        return torch.get_num_threads()
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                      # not Linux
-        return os.cpu_count() or 1
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise GptossError(f"{THREADS_ENV}={value!r} is not a thread count", "use a positive integer, or unset it")
+    return n
+
+
+def apply_thread_count() -> int:
+    """Give PyTorch's CPU ops the same thread count as the library (``GPTOSS_THREADS``)."""
+    n = cpu_threads()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
 
 
 def _cache_dir() -> Path:

@@ -85,10 +85,15 @@ def test_no_compiler_falls_back_to_the_reference_and_says_so(monkeypatch, tmp_pa
 
 
 def test_thread_count(monkeypatch):
+    """One setting for the library and PyTorch: GPTOSS_THREADS, else PyTorch's own count."""
     monkeypatch.delenv(cpu_ops.THREADS_ENV, raising=False)
-    assert cpu_ops.cpu_threads() >= 1
+    assert cpu_ops.cpu_threads() == torch.get_num_threads()
+    before = torch.get_num_threads()
     monkeypatch.setenv(cpu_ops.THREADS_ENV, "3")
-    assert cpu_ops.cpu_threads() == 3
+    try:
+        assert cpu_ops.apply_thread_count() == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
     for bad in ("0", "two"):
         monkeypatch.setenv(cpu_ops.THREADS_ENV, bad)
         with pytest.raises(GptossError, match="not a thread count"):
