@@ -53,6 +53,7 @@ THREADS_ENV = "GPTOSS_THREADS"
 CACHE_ENV = "GPTOSS_CACHE"
 SOURCE = "cpu_ops.cpp"
 LINEAR_MAX_ROWS = 16
+MOE_MAX_TOKENS = 256      # tokens per library call: Ctrl-C is seen between calls (~1 s at 20b)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -163,20 +164,22 @@ def moe(
         _warn_fallback(why)
         return ops.moe.reference(x, router_w, router_b, w1_blocks, w1_scales, w1_bias,
                                  w2_blocks, w2_scales, w2_bias, top_k, swiglu_limit)
-    weights, experts = ops.route.reference(x, router_w, router_b, top_k)    # [N, k] each
     N, D = x.shape
     E, F2 = w1_bias.shape
     bias_bf16 = w1_bias.dtype == torch.bfloat16
     b1, b2 = (b if b.dtype == torch.bfloat16 else b.float() for b in (w1_bias, w2_bias))
-    tensors = [x.float().contiguous(), experts.contiguous(), weights.float().contiguous(),
-               w1_blocks.contiguous(), w1_scales.contiguous(), b1.contiguous(),
-               w2_blocks.contiguous(), w2_scales.contiguous(), b2.contiguous()]
+    packed = [t.contiguous() for t in (w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2)]
+    pointers = [t.data_ptr() for t in packed]
     out = torch.empty(N, D, dtype=torch.float32)
-    xf, ex, wt, b1k, s1, bias1, b2k, s2, bias2 = (t.data_ptr() for t in tensors)
-    rc = lib.gptoss_moe(xf, N, D, F2 // 2, E, ex, wt, top_k, b1k, s1, bias1, b2k, s2, bias2,
-                        int(bias_bf16), float(swiglu_limit), out.data_ptr(), cpu_threads())
-    if rc != 0:
-        raise ValueError(f"cpu_ops: bad shapes (code {rc}): D={D}, F={F2 // 2} must be multiples of 32")
+    for t0 in range(0, N, MOE_MAX_TOKENS):
+        xs = x[t0:t0 + MOE_MAX_TOKENS]
+        weights, experts = ops.route.reference(xs, router_w, router_b, top_k)    # [n, k] each
+        xf, ex, wt = xs.float().contiguous(), experts.contiguous(), weights.float().contiguous()
+        rc = lib.gptoss_moe(xf.data_ptr(), xs.shape[0], D, F2 // 2, E, ex.data_ptr(), wt.data_ptr(), top_k,
+                            *pointers, int(bias_bf16), float(swiglu_limit),
+                            out[t0:].data_ptr(), cpu_threads())
+        if rc != 0:
+            raise ValueError(f"cpu_ops: bad shapes (code {rc}): D={D}, F={F2 // 2} must be multiples of 32")
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 

@@ -56,6 +56,13 @@ def test_native_moe_matches_reference(monkeypatch, dtype, N, E, D, F, top_k, thr
     assert rel_err(cpu_y, ref_y) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def test_native_moe_in_several_calls(monkeypatch):
+    """A long prefill goes to the library in slices of MOE_MAX_TOKENS (Ctrl-C lands between them)."""
+    monkeypatch.setattr(cpu_ops, "MOE_MAX_TOKENS", 64)
+    args = _args(150, 8, 96, 64, 4, torch.float32)
+    assert rel_err(cpu_ops.moe(*args), ops.moe.reference(*args)) < 1e-5
+
+
 def test_ops_moe_dispatches_cpu_tensors_to_native(monkeypatch):
     """auto: ``ops.moe`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
     args = _args(5, 8, 64, 64, 4, torch.float32)
