@@ -42,21 +42,32 @@ const float FP4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                        -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 struct Scales {
-    float v[256];
-    Scales() { for (int s = 0; s < 256; ++s) v[s] = std::ldexp(1.0f, s - 127); }
+    float v[256];      // 2^(s-127)
+    float half[256];   // 2^(s-128)
+    Scales() {
+        for (int s = 0; s < 256; ++s) {
+            v[s] = std::ldexp(1.0f, s - 127);
+            half[s] = std::ldexp(1.0f, s - 128);
+        }
+    }
 };
 const Scales E8M0;
 
 // One row of G blocks -> G*32 floats, de-interleaved per block (even columns, then odd).
+// The codes go through a byte table of twice their values (all integers, -12..12: one cheap
+// in-lane shuffle for 16 codes) and are widened and scaled by 2^(s-127)/2, exactly. This keeps
+// the wide cross-lane shuffles, the bottleneck of a decode step on Zen 4, to two per block.
 inline void decode_row(const uint8_t* blocks, const uint8_t* scales, int64_t G, float* out) {
 #if defined(__AVX512F__)
-    const __m512 lut = _mm512_loadu_ps(FP4);
-    const __m512i low = _mm512_set1_epi32(15);
+    const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i nib = _mm_set1_epi8(15);
     for (int64_t g = 0; g < G; ++g) {
-        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)));
-        __m512 s = _mm512_set1_ps(E8M0.v[scales[g]]);
-        _mm512_storeu_ps(out + 32 * g, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, low), lut), s));
-        _mm512_storeu_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), lut), s));
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g));
+        __m128i lo = _mm_shuffle_epi8(twice, _mm_and_si128(b, nib));
+        __m128i hi = _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+        __m512 s = _mm512_set1_ps(E8M0.half[scales[g]]);
+        _mm512_storeu_ps(out + 32 * g, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s));
+        _mm512_storeu_ps(out + 32 * g + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s));
     }
 #else
     for (int64_t g = 0; g < G; ++g) {
@@ -131,6 +142,63 @@ inline void dots(int T, int R, const float* const* x, const W* w, int64_t K, flo
         case 3: micro_r<3>(R, x, w, K, out); break;
         default: micro_r<4>(R, x, w, K, out); break;
     }
+}
+
+#if defined(__AVX512F__)
+// Block g of a row, decoded into registers: the even columns (lo) and the odd ones (hi).
+inline void decode_block(const uint8_t* blocks, const uint8_t* scales, int64_t g, __m512& lo, __m512& hi) {
+    const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i nib = _mm_set1_epi8(15);
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g));
+    __m512 s = _mm512_set1_ps(E8M0.half[scales[g]]);
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(twice, _mm_and_si128(b, nib)))), s);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(b, 4), nib)))), s);
+}
+#endif
+
+// The same dot products as ``dots`` straight from the packed rows (rows ``stride`` bytes of
+// blocks and stride/16 scales apart), decoded in registers: for one or two tokens, where a
+// decoded tile would cost more cache traffic than the multiply (a decode step).
+template <int T>
+inline void packed_dots(int R, const float* const* x, const uint8_t* blocks, const uint8_t* scales,
+                        int64_t G, float out[NT][NR]) {
+#if defined(__AVX512F__)
+    __m512 acc[T][NR];
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        for (int r = 0; r < R; ++r) {
+            __m512 lo, hi;
+            decode_block(blocks + r * G * 16, scales + r * G, g, lo, hi);
+            for (int t = 0; t < T; ++t) {
+                acc[t][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[t] + 32 * g), acc[t][r]);
+                acc[t][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x[t] + 32 * g + 16), acc[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < R; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+#else
+    std::vector<float> row(size_t(G * 32));
+    for (int r = 0; r < R; ++r) {
+        decode_row(blocks + r * G * 16, scales + r * G, G, row.data());
+        for (int t = 0; t < T; ++t) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < G * 32; ++k) s += x[t][k] * row[k];
+            out[t][r] = s;
+        }
+    }
+#endif
+}
+
+// out[t][r] for T tokens and R rows of a packed expert matrix: in registers for T <= 2, else
+// through a decoded tile (``tile``, R rows of K floats) shared by all T tokens.
+inline void expert_dots(int T, int R, const float* const* x, const uint8_t* blocks, const uint8_t* scales,
+                        int64_t G, float* tile, bool tile_ready, float out[NT][NR]) {
+    if (T == 1) return packed_dots<1>(R, x, blocks, scales, G, out);
+    if (T == 2 && !tile_ready) return packed_dots<2>(R, x, blocks, scales, G, out);
+    dots(T, R, x, tile, G * 32, out);
 }
 
 // Position of column c in the de-interleaved order of its 32-wide block.
@@ -216,12 +284,15 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
             const uint8_t* scl = w1_scales + ex.id * 2 * F * GD;
             for (int64_t p = p0; p < p1; p += NR / 2) {
                 const int R = int(std::min<int64_t>(NR / 2, p1 - p)) * 2;
-                for (int r = 0; r < R; ++r)
-                    decode_row(blk + (2 * p + r) * GD * 16, scl + (2 * p + r) * GD, GD, tile.data() + r * D);
+                const uint8_t* rb = blk + 2 * p * GD * 16;
+                const uint8_t* rs = scl + 2 * p * GD;
+                const bool tiled = n > 2;
+                if (tiled)
+                    for (int r = 0; r < R; ++r) decode_row(rb + r * GD * 16, rs + r * GD, GD, tile.data() + r * D);
                 for (int64_t t0 = 0; t0 < n; t0 += NT) {
                     const int T = int(std::min<int64_t>(NT, n - t0));
                     for (int t = 0; t < T; ++t) xs[t] = xp.data() + ex.tokens[t0 + t] * D;
-                    dots(T, R, xs, tile.data(), D, h);
+                    expert_dots(T, R, xs, rb, rs, GD, tile.data(), tiled, h);
                     for (int t = 0; t < T; ++t)
                         for (int r = 0; r < R; r += 2) {
                             const int64_t f = p + r / 2;
@@ -248,13 +319,15 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
             const int R = int(std::min<int64_t>(NR, r1 - row));
             for (const auto& ex : used) {
                 const int64_t n = int64_t(ex.tokens.size());
-                for (int r = 0; r < R; ++r)
-                    decode_row(w2_blocks + (ex.id * D + row + r) * GF * 16, w2_scales + (ex.id * D + row + r) * GF,
-                               GF, tile.data() + r * F);
+                const uint8_t* rb = w2_blocks + (ex.id * D + row) * GF * 16;
+                const uint8_t* rs = w2_scales + (ex.id * D + row) * GF;
+                const bool tiled = n > 2;
+                if (tiled)
+                    for (int r = 0; r < R; ++r) decode_row(rb + r * GF * 16, rs + r * GF, GF, tile.data() + r * F);
                 for (int64_t t0 = 0; t0 < n; t0 += NT) {
                     const int T = int(std::min<int64_t>(NT, n - t0));
                     for (int t = 0; t < T; ++t) as[t] = ex.act + (t0 + t) * F;
-                    dots(T, R, as, tile.data(), F, y);
+                    expert_dots(T, R, as, rb, rs, GF, tile.data(), tiled, y);
                     for (int t = 0; t < T; ++t)
                         for (int r = 0; r < R; ++r) {
                             const float b = bias_at(w2_bias, bias_bf16, ex.id * D + row + r);
