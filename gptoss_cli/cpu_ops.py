@@ -131,7 +131,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, RuntimeError) as exc:
         return None, f"building {SOURCE} with {cxx} failed: {exc}"
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32]
+    lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32
     lib.gptoss_linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32]
     lib.gptoss_linear_bf16.restype = i32
@@ -177,7 +177,7 @@ def moe(
         xf, ex, wt = xs.float().contiguous(), experts.contiguous(), weights.float().contiguous()
         rc = lib.gptoss_moe(xf.data_ptr(), xs.shape[0], D, F2 // 2, E, ex.data_ptr(), wt.data_ptr(), top_k,
                             *pointers, int(bias_bf16), float(swiglu_limit),
-                            out[t0:].data_ptr(), cpu_threads())
+                            out[t0:].data_ptr(), cpu_threads(), int(x.dtype == torch.bfloat16))
         if rc != 0:
             raise ValueError(f"cpu_ops: bad shapes (code {rc}): D={D}, F={F2 // 2} must be multiples of 32")
     return out if x.dtype == torch.float32 else out.to(x.dtype)
