@@ -74,23 +74,25 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 "$PYTHON" - "$OUT" >> "$OUT/summary.md" <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("| engine | run | test | tok/s (mean ± std of 3) |")
-print("| --- | --- | --- | --- |")
+print("| engine | run | test | tok/s mean ± std | median | best |")
+print("| --- | --- | --- | --- | --- | --- |")
+def row(who, run, test, values):
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    print(f"| {who} | {run} | {test} | {statistics.mean(values):.2f} ± {std:.2f} | {statistics.median(values):.2f} | {max(values):.2f} |")
 for path in sorted(out.glob("*.json")):
     res = json.loads(path.read_text())
     if isinstance(res, list):                                  # llama-bench -o json
         for r in res:
             test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-            print(f"| llama.cpp {r.get('build_commit', '?')} ({r.get('type_k', '')}) | {path.stem} | {test} | "
-                  f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |")
+            row(f"llama.cpp {r.get('build_commit', '?')}", path.stem, test, r["samples_ts"])
         continue
     for r in res["results"]:
         who = f"gptoss {res['system']['dtype']}, {res['system'].get('ops', '?')}"
-        for key, test in (("prefill_tok_s", f"pp{r['prompt_len']}"), ("decode_tok_s", f"tg{r['gen_tokens'] - 1} after pp{r['prompt_len']}")):
-            print(f"| {who} | {path.stem} | {test} | {r[key]['mean']:.2f} ± {r[key]['std']:.2f} |")
+        row(who, path.stem, f"pp{r['prompt_len']}", r["prefill_tok_s"]["values"])
+        row(who, path.stem, f"tg{r['gen_tokens'] - 1} after pp{r['prompt_len']}", r["decode_tok_s"]["values"])
 EOF
 echo "== summary: $OUT/summary.md"
 cat "$OUT/summary.md"
