@@ -165,6 +165,10 @@ class Engine:
         self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
         self.last_stats = GenerationStats()
         self._tokenizer = None
+        if self.device.type == "cpu":
+            from .cpu_ops import apply_thread_count
+
+            apply_thread_count()
         # static decode step: CUDA with the kernels (the reference MoE syncs with the host)
         static = self.device.type == "cuda" and ops.use_kernels(self.device)
         self._decoder = DecodeStep(model, self.cache, graph=cuda_graph) if static else None
@@ -222,8 +226,9 @@ class Engine:
         return self._tokenizer
 
     def runtime_info(self) -> dict:
-        """What runs: device, dtype, the op implementations (``ops``: triton or
-        pytorch-reference; ``kernels``: the Triton kernels' names), CUDA graph on/off, versions."""
+        """What runs: device, dtype, the op implementations (``ops``: triton, pytorch-reference, or
+        on CPU ``cpu_ops.status()``, e.g. cpu-native (avx512); ``kernels``: the Triton kernels'
+        names), CUDA graph on/off, versions."""
         import platform
 
         kernels = ops.kernel_names(self.device)
@@ -231,7 +236,7 @@ class Engine:
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "ops": "triton" if kernels else "pytorch-reference",
+            "ops": "triton" if kernels else _cpu_ops_status(self.device),
             "kernels": kernels,
             "cuda_graph": self._decoder is not None and self._decoder.use_graph,
             "torch": torch.__version__,
@@ -387,6 +392,14 @@ class Engine:
             logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
         self.cached_tokens.append(tok)
         return logits
+
+
+def _cpu_ops_status(device: torch.device) -> str:
+    if not ops.use_cpu_native(device):
+        return "pytorch-reference"
+    from .cpu_ops import status
+
+    return status()
 
 
 def _check_context(max_context: int, cfg: ModelConfig) -> int:

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .cache import KVCache
@@ -93,7 +92,7 @@ class Transformer:
         added in ``rope_store``): projections without a bias are one cuBLAS launch at decode."""
         cfg = self.cfg
         B, T, _ = h.shape
-        qkv = F.linear(h, b.qkv_w)                       # the bias rides in rope_store
+        qkv = ops.linear(h, b.qkv_w)                     # the bias rides in rope_store
         q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
         q = q.view(B, T, cfg.n_heads, cfg.d_head)                            # [B, T, H, dh]
         k = k.view(B, T, cfg.n_kv_heads, cfg.d_head)                         # [B, T, K, dh]
@@ -102,7 +101,7 @@ class Transformer:
         q = ops.rope_store(q, k, v, self.cos, self.sin, q_pos, k_buf, v_buf, slots, ring_pos, b.qkv_b)
         keys, values, k_pos = layer.attend(q_pos, start)
         o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale, layer.keys_by_position)
-        return F.linear(o.reshape(B, T, cfg.q_dim), b.out_w)   # out_b: added by add_rmsnorm_route
+        return ops.linear(o.reshape(B, T, cfg.q_dim), b.out_w)   # out_b: added by add_rmsnorm_route
 
     def mlp(self, b: Block, h: torch.Tensor, routing) -> torch.Tensor:
         """MoE sublayer on normed ``h`` [B, T, D], routed by ``routing`` (weights, experts)."""
@@ -147,4 +146,4 @@ class Transformer:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] -> float32 logits [..., vocab]."""
-        return F.linear(hidden, self.unembedding).float()
+        return ops.linear(hidden, self.unembedding).float()

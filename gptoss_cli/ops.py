@@ -10,6 +10,10 @@ Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` in
 - ``GPTOSS_KERNELS=1``: always the kernels, on CPU too (only useful under ``TRITON_INTERPRET=1``:
   the tests run the whole engine that way).
 
+On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implementation instead
+(``moe`` and ``linear``: ``cpu_ops``, a small C++ library built at first use; where it cannot
+be built the MoE warns once and runs the reference).
+
 There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
 plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
 Norms, softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
@@ -56,12 +60,39 @@ def use_kernels(device: torch.device) -> bool:
 KERNEL_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
-def _kernel_op(module: str, kernels: tuple[str, ...]):
+def use_cpu_native(device: torch.device) -> bool:
+    """Whether ops on tensors of ``device`` run their native CPU implementation (``cpu=``)."""
+    return device.type == "cpu" and os.environ.get(KERNELS_ENV, "auto") == "auto"
+
+
+def _cpu_op(module: str):
+    """Run ``gptoss_cli.<module>.<op name>`` instead of the decorated reference on CPU tensors
+    when ``use_cpu_native`` holds."""
+
+    def deco(ref):
+        native = []
+
+        @functools.wraps(ref)
+        def op(*args, **kwargs):
+            if use_cpu_native(args[0].device):
+                if not native:
+                    native.append(getattr(importlib.import_module(f"gptoss_cli.{module}"), ref.__name__))
+                return native[0](*args, **kwargs)
+            return ref(*args, **kwargs)
+
+        op.reference = ref
+        return op
+
+    return deco
+
+
+def _kernel_op(module: str, kernels: tuple[str, ...], cpu: str | None = None):
     """Run ``gptoss_kernels.<module>.<op name>`` instead of the decorated reference when
-    ``use_kernels`` holds for the first argument's device."""
+    ``use_kernels`` holds for the first argument's device; ``cpu``: as ``_cpu_op(cpu)`` on CPU."""
 
     def deco(ref):
         impl = []
+        other = _cpu_op(cpu)(ref) if cpu else ref
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
@@ -69,7 +100,7 @@ def _kernel_op(module: str, kernels: tuple[str, ...]):
                 if not impl:
                     impl.append(getattr(importlib.import_module(f"gptoss_kernels.{module}"), ref.__name__))
                 return impl[0](*args, **kwargs)
-            return ref(*args, **kwargs)
+            return other(*args, **kwargs)
 
         op.reference = ref
         KERNEL_TABLE[ref.__name__] = (module, kernels)
@@ -110,6 +141,12 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     vals = torch.stack((lo, hi), dim=-1).flatten(-2)                        # [..., G, 32]
     vals = torch.ldexp(vals, scales.to(torch.int32).unsqueeze(-1) - 127)
     return vals.flatten(-2).to(dtype)                                        # [..., G*32]
+
+
+@_cpu_op("cpu_ops")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``: the dense projections (attention, unembedding); native on CPU only."""
+    return F.linear(x, weight, bias)
 
 
 @_kernel_op("norm", ("_rmsnorm_kernel",))
@@ -262,7 +299,8 @@ def add_rmsnorm_route(
     return x, h, route.reference(h.reshape(-1, h.shape[-1]), router_w, router_b, top_k)
 
 
-@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"))
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"),
+            cpu="cpu_ops")
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,

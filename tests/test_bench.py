@@ -98,6 +98,7 @@ def test_random_router_spreads_tokens_over_experts(monkeypatch, n_experts):
 
     recording_route.reference = recording_route      # what ops.moe's reference path calls
     monkeypatch.setattr(ops, "route", recording_route)
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")   # the reference MoE routes each layer in one call
     tokens = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     eng.model.forward(tokens, eng.model.new_cache(1), 0)
     assert len(picked) == cfg.n_layers

@@ -75,9 +75,11 @@ def test_batched_forward_on_kernels(tiny_full, ref_engine, monkeypatch):
         assert rel_err(tri_h, ref_h) < 1e-4
 
 
-def test_cpu_engine_reports_the_reference_path(tiny_full):
+def test_cpu_engine_reports_its_path(tiny_full, monkeypatch):
     info = Engine.load(tiny_full, device="cpu", dtype="float32", cuda_graph=True).runtime_info()
-    assert info["ops"] == "pytorch-reference" and info["kernels"] == [] and info["cuda_graph"] is False
+    assert info["ops"].startswith("cpu-native") and info["kernels"] == [] and info["cuda_graph"] is False
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert Engine.load(tiny_full, device="cpu", dtype="float32").runtime_info()["ops"] == "pytorch-reference"
 
 
 def test_reference_switch(monkeypatch):

@@ -1,0 +1,126 @@
+"""The native CPU MoE (``cpu_ops``, C++ at first use) against the reference ``ops.moe.reference``.
+
+Sizes are multiples of 32 (an MXFP4 block) but not of the library's tiles (4 rows, 4 tokens),
+and thread counts split the rows unevenly; token counts cover decode (1-8) and prefill (150),
+with experts that get no token, one, and many. The fallback when no compiler can build it is
+tested too: it must say so and still give the reference's result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels_util import rel_err
+
+from gptoss_cli import cpu_ops, ops
+from gptoss_cli.errors import GptossError
+
+
+def _weights(E: int, D: int, F: int, dtype, seed: int):
+    """Random router and MXFP4 experts: codes uniform, scales near 2^-3 (values of order one)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "router_w": torch.randn(E, D, generator=g) / D ** 0.5,
+        "router_b": torch.randn(E, generator=g) * 0.1,
+        "w1_blocks": torch.randint(0, 256, (E, 2 * F, D // 32, 16), generator=g, dtype=torch.uint8),
+        "w1_scales": torch.randint(121, 125, (E, 2 * F, D // 32), generator=g, dtype=torch.uint8),
+        "w1_bias": torch.randn(E, 2 * F, generator=g),
+        "w2_blocks": torch.randint(0, 256, (E, D, F // 32, 16), generator=g, dtype=torch.uint8),
+        "w2_scales": torch.randint(121, 125, (E, D, F // 32), generator=g, dtype=torch.uint8),
+        "w2_bias": torch.randn(E, D, generator=g),
+    }
+    return {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in w.items()}
+
+
+def _args(N, E, D, F, top_k, dtype):
+    w = _weights(E, D, F, dtype, seed=N * 7 + E)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(dtype)
+    return (x, *w.values(), top_k, 7.0)
+
+
+@pytest.fixture(autouse=True)
+def native_only():
+    if cpu_ops.status().startswith("pytorch-reference"):
+        pytest.fail(f"the native CPU MoE did not build here: {cpu_ops.status()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [1, 3, 8, 9, 150])
+@pytest.mark.parametrize("E,D,F,top_k,threads", [(8, 224, 160, 4, 3), (4, 64, 32, 2, 1), (32, 96, 96, 4, 2)])
+def test_native_moe_matches_reference(monkeypatch, dtype, N, E, D, F, top_k, threads):
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, str(threads))
+    args = _args(N, E, D, F, top_k, dtype)
+    ref_y = ops.moe.reference(*args)
+    cpu_y = cpu_ops.moe(*args)
+    assert cpu_y.shape == (N, D) and cpu_y.dtype == dtype
+    assert rel_err(cpu_y, ref_y) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_native_moe_in_several_calls(monkeypatch):
+    """A long prefill goes to the library in slices of MOE_MAX_TOKENS (Ctrl-C lands between them)."""
+    monkeypatch.setattr(cpu_ops, "MOE_MAX_TOKENS", 64)
+    args = _args(150, 8, 96, 64, 4, torch.float32)
+    assert rel_err(cpu_ops.moe(*args), ops.moe.reference(*args)) < 1e-5
+
+
+def test_ops_moe_dispatches_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.moe`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
+    args = _args(5, 8, 64, 64, 4, torch.float32)
+    calls = []
+    real = cpu_ops._library()[0].gptoss_moe
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_moe", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    assert rel_err(ops.moe(*args), ops.moe.reference(*args)) < 1e-5 and calls == [1]
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert torch.equal(ops.moe(*args), ops.moe.reference(*args)) and calls == [1]
+
+
+def test_no_compiler_falls_back_to_the_reference_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv(cpu_ops.CACHE_ENV, str(tmp_path / "cache"))
+    cpu_ops._library.cache_clear()
+    cpu_ops._warn_fallback.cache_clear()
+    try:
+        assert cpu_ops.status().startswith("pytorch-reference: building cpu_ops.cpp")
+        args = _args(3, 8, 64, 64, 4, torch.float32)
+        with pytest.warns(RuntimeWarning, match="slow PyTorch reference"):
+            y = cpu_ops.moe(*args)
+        assert torch.equal(y, ops.moe.reference(*args))
+    finally:
+        cpu_ops._library.cache_clear()
+        cpu_ops._warn_fallback.cache_clear()
+
+
+def test_thread_count(monkeypatch):
+    """One setting for the library and PyTorch: GPTOSS_THREADS, else PyTorch's own count."""
+    monkeypatch.delenv(cpu_ops.THREADS_ENV, raising=False)
+    assert cpu_ops.cpu_threads() == torch.get_num_threads()
+    before = torch.get_num_threads()
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "3")
+    try:
+        assert cpu_ops.apply_thread_count() == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two"):
+        monkeypatch.setenv(cpu_ops.THREADS_ENV, bad)
+        with pytest.raises(GptossError, match="not a thread count"):
+            cpu_ops.cpu_threads()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n_out,K,bias", [(37, 96, True), (5, 48, False), (700, 2880, True)])
+def test_native_bf16_linear_matches_torch(monkeypatch, rows, n_out, K, bias):
+    """Decode-sized bf16 projections: the library against F.linear (both accumulate in float32,
+    so they differ by one bf16 rounding of the output at most)."""
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "2")
+    g = torch.Generator().manual_seed(n_out + rows)
+    x = torch.randn(1, rows, K, generator=g).bfloat16()
+    w = (torch.randn(n_out, K, generator=g) / K ** 0.5).bfloat16()
+    b = torch.randn(n_out, generator=g).bfloat16() if bias else None
+    ref_y = ops.linear.reference(x, w, b)
+    cpu_y = ops.linear(x, w, b)
+    assert cpu_y.shape == (1, rows, n_out) and cpu_y.dtype == torch.bfloat16
+    assert rel_err(cpu_y, ref_y) < 8e-3
+    x32 = x.float()    # float32 activations, and bf16 prefill above LINEAR_MAX_ROWS: PyTorch's own
+    assert torch.equal(cpu_ops.linear(x32, w.float(), None if b is None else b.float()),
+                       torch.nn.functional.linear(x32, w.float(), None if b is None else b.float()))
