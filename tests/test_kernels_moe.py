@@ -10,31 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 from gptoss_kernels import moe
-from kernels_util import devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
+from kernels_util import devices_and_dtypes, moe_weights, poison_allocations, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
-
-
-def _weights(E: int, D: int, F: int, dtype, device, seed: int):
-    """Random router and MXFP4 experts: codes uniform, scales near 2^-3 (values of order one)."""
-    g = torch.Generator().manual_seed(seed)
-    w = {
-        "router_w": torch.randn(E, D, generator=g) / D ** 0.5,
-        "router_b": torch.randn(E, generator=g) * 0.1,
-        "w1_blocks": torch.randint(0, 256, (E, 2 * F, D // 32, 16), generator=g, dtype=torch.uint8),
-        "w1_scales": torch.randint(121, 125, (E, 2 * F, D // 32), generator=g, dtype=torch.uint8),
-        "w1_bias": torch.randn(E, 2 * F, generator=g),
-        "w2_blocks": torch.randint(0, 256, (E, D, F // 32, 16), generator=g, dtype=torch.uint8),
-        "w2_scales": torch.randint(121, 125, (E, D, F // 32), generator=g, dtype=torch.uint8),
-        "w2_bias": torch.randn(E, D, generator=g),
-    }
-    return {k: v.to(device, dtype if v.dtype == torch.float32 else v.dtype) for k, v in w.items()}
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
 @pytest.mark.parametrize("N,E,top_k", [(1, 8, 4), (13, 32, 4), (70, 5, 2)])
 def test_route(device, dtype, N, E, top_k):
-    w = _weights(E, 96, 32, dtype, device, seed=N)
+    w = moe_weights(E, 96, 32, dtype, device, seed=N)
     x = torch.randn(N, 96, generator=torch.Generator().manual_seed(N + 1)).to(device, dtype)
     ref_w, ref_e = moe.route_torch(x, w["router_w"], w["router_b"], top_k)
     tri_w, tri_e = moe.route(x, w["router_w"], w["router_b"], top_k)
@@ -46,7 +30,7 @@ def test_route(device, dtype, N, E, top_k):
 @pytest.mark.parametrize("N", [1, 3, 8, 9, 150])       # GEMV: 1, 3, 8; grouped GEMM: 9, 150
 @pytest.mark.parametrize("E,D,F,top_k", [(8, 96, 160, 4), (4, 64, 32, 2)])
 def test_moe(device, dtype, N, E, D, F, top_k):
-    w = _weights(E, D, F, dtype, device, seed=N * 7 + E)
+    w = moe_weights(E, D, F, dtype, device, seed=N * 7 + E)
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(device, dtype)
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], top_k, 7.0)
