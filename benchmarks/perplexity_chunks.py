@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--bos", type=int, default=None, help="token id llama.cpp puts first in each chunk, if its vocab adds one")
     args = ap.parse_args()
 
-    eng = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.ctx + 1)   # logits of ctx tokens: one spare slot
+    # logits of ctx tokens need one spare slot of context
+    eng = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.ctx + 1)
     with open(args.text, encoding="utf-8") as f:
         tokens = eng.tokenizer.encode_ordinary(f.read())
     print(f"{len(tokens)} tokens; first ids {tokens[:8]}")

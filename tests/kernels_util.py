@@ -51,3 +51,19 @@ def poison_allocations(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _sentinel(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _sentinel(empty_like(*a, **k)))
+
+
+def moe_weights(E: int, D: int, F: int, dtype, device, seed: int):
+    """Random router and MXFP4 experts: codes uniform, scales near 2^-3 (values of order one)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "router_w": torch.randn(E, D, generator=g) / D ** 0.5,
+        "router_b": torch.randn(E, generator=g) * 0.1,
+        "w1_blocks": torch.randint(0, 256, (E, 2 * F, D // 32, 16), generator=g, dtype=torch.uint8),
+        "w1_scales": torch.randint(121, 125, (E, 2 * F, D // 32), generator=g, dtype=torch.uint8),
+        "w1_bias": torch.randn(E, 2 * F, generator=g),
+        "w2_blocks": torch.randint(0, 256, (E, D, F // 32, 16), generator=g, dtype=torch.uint8),
+        "w2_scales": torch.randint(121, 125, (E, D, F // 32), generator=g, dtype=torch.uint8),
+        "w2_bias": torch.randn(E, D, generator=g),
+    }
+    return {k: v.to(device, dtype if v.dtype == torch.float32 else v.dtype) for k, v in w.items()}

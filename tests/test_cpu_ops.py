@@ -10,30 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels_util import rel_err
+from kernels_util import moe_weights, rel_err
 
 from gptoss_cli import cpu_ops, ops
 from gptoss_cli.errors import GptossError
 
 
-def _weights(E: int, D: int, F: int, dtype, seed: int):
-    """Random router and MXFP4 experts: codes uniform, scales near 2^-3 (values of order one)."""
-    g = torch.Generator().manual_seed(seed)
-    w = {
-        "router_w": torch.randn(E, D, generator=g) / D ** 0.5,
-        "router_b": torch.randn(E, generator=g) * 0.1,
-        "w1_blocks": torch.randint(0, 256, (E, 2 * F, D // 32, 16), generator=g, dtype=torch.uint8),
-        "w1_scales": torch.randint(121, 125, (E, 2 * F, D // 32), generator=g, dtype=torch.uint8),
-        "w1_bias": torch.randn(E, 2 * F, generator=g),
-        "w2_blocks": torch.randint(0, 256, (E, D, F // 32, 16), generator=g, dtype=torch.uint8),
-        "w2_scales": torch.randint(121, 125, (E, D, F // 32), generator=g, dtype=torch.uint8),
-        "w2_bias": torch.randn(E, D, generator=g),
-    }
-    return {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in w.items()}
-
-
 def _args(N, E, D, F, top_k, dtype):
-    w = _weights(E, D, F, dtype, seed=N * 7 + E)
+    w = moe_weights(E, D, F, dtype, "cpu", seed=N * 7 + E)
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(dtype)
     return (x, *w.values(), top_k, 7.0)
 

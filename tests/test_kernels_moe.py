@@ -10,31 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 from gptoss_kernels import arrive, moe
-from kernels_util import HAS_CUDA, devices_and_dtypes, poison_allocations, rel_err  # noqa: F401
+from kernels_util import HAS_CUDA, devices_and_dtypes, moe_weights, poison_allocations, rel_err  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
-
-
-def _weights(E: int, D: int, F: int, dtype, device, seed: int):
-    """Random router and MXFP4 experts: codes uniform, scales near 2^-3 (values of order one)."""
-    g = torch.Generator().manual_seed(seed)
-    w = {
-        "router_w": torch.randn(E, D, generator=g) / D ** 0.5,
-        "router_b": torch.randn(E, generator=g) * 0.1,
-        "w1_blocks": torch.randint(0, 256, (E, 2 * F, D // 32, 16), generator=g, dtype=torch.uint8),
-        "w1_scales": torch.randint(121, 125, (E, 2 * F, D // 32), generator=g, dtype=torch.uint8),
-        "w1_bias": torch.randn(E, 2 * F, generator=g),
-        "w2_blocks": torch.randint(0, 256, (E, D, F // 32, 16), generator=g, dtype=torch.uint8),
-        "w2_scales": torch.randint(121, 125, (E, D, F // 32), generator=g, dtype=torch.uint8),
-        "w2_bias": torch.randn(E, D, generator=g),
-    }
-    return {k: v.to(device, dtype if v.dtype == torch.float32 else v.dtype) for k, v in w.items()}
 
 
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
 @pytest.mark.parametrize("N,E,top_k", [(1, 8, 4), (13, 32, 4), (70, 5, 2)])
 def test_route(device, dtype, N, E, top_k):
-    w = _weights(E, 96, 32, dtype, device, seed=N)
+    w = moe_weights(E, 96, 32, dtype, device, seed=N)
     x = torch.randn(N, 96, generator=torch.Generator().manual_seed(N + 1)).to(device, dtype)
     ref_w, ref_e = moe.route_torch(x, w["router_w"], w["router_b"], top_k)
     tri_w, tri_e = moe.route(x, w["router_w"], w["router_b"], top_k)
@@ -46,7 +30,7 @@ def test_route(device, dtype, N, E, top_k):
 @pytest.mark.parametrize("N", [1, 3, 4, 5, 150])       # GEMV: 1, 3, 4; grouped GEMM: 5, 150
 @pytest.mark.parametrize("E,D,F,top_k", [(8, 96, 160, 4), (4, 64, 32, 2)])
 def test_moe(device, dtype, N, E, D, F, top_k):
-    w = _weights(E, D, F, dtype, device, seed=N * 7 + E)
+    w = moe_weights(E, D, F, dtype, device, seed=N * 7 + E)
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(device, dtype)
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], top_k, 7.0)
@@ -59,7 +43,7 @@ def test_moe(device, dtype, N, E, D, F, top_k):
 @pytest.mark.parametrize("device,dtype", devices_and_dtypes(bf16=False))
 @pytest.mark.parametrize("N,E,bias", [(1, 8, True), (3, 40, False), (70, 5, True)])  # fused (decode), not (prefill)
 def test_add_rmsnorm_route(device, dtype, N, E, bias):
-    w = _weights(E, 96, 32, dtype, device, seed=N + E)
+    w = moe_weights(E, 96, 32, dtype, device, seed=N + E)
     g = torch.Generator().manual_seed(N)
     x, delta = (torch.randn(N, 96, generator=g).to(device, dtype) for _ in range(2))
     scale = (1 + 0.1 * torch.randn(96, generator=g)).to(device)
@@ -74,7 +58,7 @@ def test_add_rmsnorm_route(device, dtype, N, E, bias):
 @pytest.mark.parametrize("N", [1, 3])
 def test_moe_gemv_bf16(N):
     """The decode GEMVs do no ``tl.dot``, so bf16 runs under the interpreter too."""
-    w = _weights(8, 96, 160, torch.bfloat16, "cuda" if HAS_CUDA else "cpu", seed=N)
+    w = moe_weights(8, 96, 160, torch.bfloat16, "cuda" if HAS_CUDA else "cpu", seed=N)
     x = torch.randn(N, 96, generator=torch.Generator().manual_seed(N)).to(w["w1_bias"].device, torch.bfloat16)
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], 4, 7.0)
@@ -85,7 +69,7 @@ def test_moe_gemv_bf16(N):
 def test_moe_gemv_repeats_bit_for_bit():
     """The last program of each row block sums the experts' rows and resets its counter: a second
     call (a graph replay) gives the same bits, and every counter is back at zero."""
-    w = _weights(8, 96, 160, torch.float32, "cpu", seed=5)
+    w = moe_weights(8, 96, 160, torch.float32, "cpu", seed=5)
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(5))
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], 4, 7.0)
