@@ -172,13 +172,12 @@ def moe(
     packed = [t.contiguous() for t in (w1_blocks, w1_scales, b1, w2_blocks, w2_scales, b2)]
     pointers = [t.data_ptr() for t in packed]
     out = torch.empty(N, D, dtype=torch.float32)
-    for t0 in range(0, N, MOE_MAX_TOKENS):
+    weights, experts = routing if routing is not None else ops.route.reference(x, router_w, router_b, top_k)
+    for t0 in range(0, N, MOE_MAX_TOKENS):                                  # weights, experts [N, k]
         xs = x[t0:t0 + MOE_MAX_TOKENS]
-        if routing is None:
-            weights, experts = ops.route.reference(xs, router_w, router_b, top_k)    # [n, k] each
-        else:
-            weights, experts = (r[t0:t0 + MOE_MAX_TOKENS] for r in routing)
-        xf, ex, wt = xs.float().contiguous(), experts.contiguous(), weights.float().contiguous()
+        ex = experts[t0:t0 + MOE_MAX_TOKENS].contiguous()
+        wt = weights[t0:t0 + MOE_MAX_TOKENS].float().contiguous()
+        xf = xs.float().contiguous()
         rc = lib.gptoss_moe(xf.data_ptr(), xs.shape[0], D, F2 // 2, E, ex.data_ptr(), wt.data_ptr(), top_k,
                             *pointers, int(bias_bf16), float(swiglu_limit),
                             out[t0:].data_ptr(), cpu_threads(), int(x.dtype == torch.bfloat16))

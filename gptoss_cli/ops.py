@@ -65,19 +65,30 @@ def use_cpu_native(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get(KERNELS_ENV, "auto") == "auto"
 
 
+def _lazy(module: str, name: str):
+    """``module.name``, imported at its first call (Triton and the native library load only when
+    an op first runs on their device)."""
+    found = []
+
+    def call(*args, **kwargs):
+        if not found:
+            found.append(getattr(importlib.import_module(module), name))
+        return found[0](*args, **kwargs)
+
+    return call
+
+
 def _cpu_op(module: str):
     """Run ``gptoss_cli.<module>.<op name>`` instead of the decorated reference on CPU tensors
     when ``use_cpu_native`` holds."""
 
     def deco(ref):
-        native = []
+        native = _lazy(f"gptoss_cli.{module}", ref.__name__)
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
             if use_cpu_native(args[0].device):
-                if not native:
-                    native.append(getattr(importlib.import_module(f"gptoss_cli.{module}"), ref.__name__))
-                return native[0](*args, **kwargs)
+                return native(*args, **kwargs)
             return ref(*args, **kwargs)
 
         op.reference = ref
@@ -91,15 +102,13 @@ def _kernel_op(module: str, kernels: tuple[str, ...], cpu: str | None = None):
     ``use_kernels`` holds for the first argument's device; ``cpu``: as ``_cpu_op(cpu)`` on CPU."""
 
     def deco(ref):
-        impl = []
+        impl = _lazy(f"gptoss_kernels.{module}", ref.__name__)
         other = _cpu_op(cpu)(ref) if cpu else ref
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
             if use_kernels(args[0].device):
-                if not impl:
-                    impl.append(getattr(importlib.import_module(f"gptoss_kernels.{module}"), ref.__name__))
-                return impl[0](*args, **kwargs)
+                return impl(*args, **kwargs)
             return other(*args, **kwargs)
 
         op.reference = ref
