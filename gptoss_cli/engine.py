@@ -78,19 +78,40 @@ class GenerationStats:
     token_times: list[float] = field(default_factory=list)  # seconds since the call, per token
 
 
+NUCLEUS_TOPK = 1024     # top-p looks for its nucleus among this many tokens first (see sample)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token id from float32 logits [V]: greedy at temperature 0, else softmax(logits / T)
-    restricted to the smallest set of tokens whose mass reaches ``top_p``."""
+    restricted to the smallest set of tokens whose mass reaches ``top_p``.
+
+    Drawn by inverting the cumulative distribution with one uniform number (``_draw``): on a
+    CPU, ``torch.multinomial`` over the 201,088 tokens of gpt-oss takes 4-12 ms, a fifth of a
+    decode step, where this takes under half a millisecond. The nucleus is searched among the
+    ``NUCLEUS_TOPK`` most likely tokens first (a top-k instead of sorting the whole vocabulary:
+    18 ms on a CPU); when those hold less than ``top_p`` the whole vocabulary is sorted. Both give
+    the same nucleus."""
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p     # always keeps the first
-        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        top, order = torch.topk(probs, min(NUCLEUS_TOPK, probs.numel()))     # sorted, descending
+        if top.numel() < probs.numel() and float(top.sum()) < top_p:
+            top, order = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(top, 0) - top) < top_p     # always keeps the first
+        return int(order[_draw(torch.where(keep, top, torch.zeros_like(top)), generator)])
+    return _draw(probs, generator)
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Index i with probability weights[i] / weights.sum() (weights >= 0, not all zero): the first
+    index whose running sum (float64) exceeds a uniform draw over the total."""
+    cdf = torch.cumsum(weights, 0, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u.reshape(1), right=True))
+    if i >= weights.numel():      # u rounded up to the total: the last token that has mass
+        i = int(torch.nonzero(weights)[-1])
+    return i
 
 
 class DecodeStep:

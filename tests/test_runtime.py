@@ -122,6 +122,38 @@ def test_sampling_is_deterministic_with_a_seed(tiny_full):
     assert a != list(eng.generate(PROMPT[:20], **(kw | {"seed": 99})))
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
+    """``sample`` draws each token with its softmax probability (renormalised over the nucleus
+    with top-p), whether the nucleus is found among the top-k or by sorting everything."""
+    from gptoss_cli import engine
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0, 1.5, -2.0])
+    probs = torch.softmax(logits / 0.9, -1)
+    order = torch.argsort(probs, descending=True)
+    keep = (torch.cumsum(probs[order], 0) - probs[order]) < top_p
+    want = torch.zeros_like(probs)
+    want[order[keep]] = probs[order[keep]]
+    want /= want.sum()
+    n = 40_000
+    for topk in (3, 1024):             # 3: the top-3 hold less than 0.7, so it sorts them all
+        monkeypatch.setattr(engine, "NUCLEUS_TOPK", topk)
+        gen = torch.Generator().manual_seed(5)
+        counts = torch.bincount(torch.tensor([engine.sample(logits, 0.9, top_p, gen) for _ in range(n)]),
+                                minlength=len(logits)).double()
+        sigma = (want * (1 - want) / n).sqrt()
+        assert ((counts / n - want).abs() <= 5 * sigma + 1e-12).all(), (counts / n, want)
+        assert counts[want == 0].sum() == 0
+
+
+def test_sampling_never_draws_a_token_without_mass():
+    from gptoss_cli.engine import _draw
+
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 0.0, 3.0, 0.0, 1.0, 0.0])
+    assert {_draw(weights, gen) for _ in range(2000)} == {2, 4}
+
+
 def test_stop_tokens_and_context_limit(tiny_full):
     eng = Engine.load(tiny_full, device="cpu", dtype="float32", max_context=32)
     greedy = list(eng.generate(PROMPT[:8], max_new_tokens=10, temperature=0))
