@@ -13,13 +13,19 @@ become one ``qkv``). Every tensor has a kind that says how it is stored in memor
 - ``fp32``: kept in float32 (norm scales, sinks: they are applied in fp32);
 - ``packed``: MXFP4 blocks and scales stay uint8; never dequantized here.
 
+On CPU, tensors already in their target dtype are not copied: they stay views of the files'
+memory maps, and ``prefault`` maps their pages in while loading (otherwise the first prompt
+would take the page faults: 3x its prefill time at 20b).
+
 Tensors are read one at a time straight to the target device, so peak memory while loading is
 about the size of the files.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +172,40 @@ class Checkpoint:
                 _check(t, name, sources, shape, kind)
                 out[name] = t if kind == PACKED else t.to(torch.float32 if kind == FP32 else dtype)
                 del parts, t
+        if torch.device(device).type == "cpu":
+            prefault(out.values())
         return out
+
+
+MADV_POPULATE_READ = 22     # Linux 5.14+: fault a range in for reading, without touching it
+
+
+def prefault(tensors) -> None:
+    """Map in now the pages of CPU tensors that are views of a file mapping, so that the first
+    forward pass does not take a page fault every 4 KB of weights (measured on 4 layers of
+    gpt-oss-20b in bf16: the first 74-token prefill took 3.1 s instead of 0.75 s). It populates
+    the page tables only (``madvise(MADV_POPULATE_READ)``): nothing is copied and the pages stay
+    the page cache's. Where the call is missing (not Linux, an older kernel) nothing happens and
+    the first prompt is slower, as before."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = 4096
+    seen = set()
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        if n == 0 or ptr in seen:
+            continue
+        seen.add(ptr)
+        start = ptr & ~(page - 1)
+        if madvise(start, ptr + n - start, MADV_POPULATE_READ) != 0:
+            return                # EINVAL on kernels without it: none of the others would work
 
 
 def _is_hf_config(path: Path) -> bool:
