@@ -108,3 +108,43 @@ def test_native_bf16_linear_matches_torch(monkeypatch, rows, n_out, K, bias):
     x32 = x.float()    # float32 activations, and bf16 prefill above LINEAR_MAX_ROWS: PyTorch's own
     assert torch.equal(cpu_ops.linear(x32, w.float(), None if b is None else b.float()),
                        torch.nn.functional.linear(x32, w.float(), None if b is None else b.float()))
+
+
+def test_ctrl_c_at_20b_shapes_stops_within_one_token(monkeypatch):
+    """gpt-oss-20b's real shapes (one of its 24 layers, bf16) on CPU: a SIGINT in the middle of a
+    reply raises KeyboardInterrupt before a second token comes out (each native call returns
+    within a step: the handler runs as soon as it does), and the engine then answers as a fresh
+    one would. Counted in tokens, not timed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from gptoss_cli.config import PRESETS
+    from gptoss_cli.engine import Engine
+
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "2")
+    eng = Engine.random(PRESETS["gpt-oss-20b"].replace(n_layers=1), device="cpu", dtype="bfloat16",
+                        max_context=256)
+    prompt = list(range(1000, 1040))
+    got: list[int] = []
+    at_signal: list[int] = []
+
+    def interrupt(delay: float) -> None:
+        time.sleep(delay)
+        at_signal.append(len(got))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        t_last = None
+        for tok in eng.generate(prompt, max_new_tokens=200, temperature=0):
+            got.append(tok)
+            now = time.perf_counter()
+            if len(got) == 3:   # mid-step: half a step after this token
+                threading.Thread(target=interrupt, args=(0.5 * (now - t_last),), daemon=True).start()
+            t_last = now
+            assert len(got) < 150, "the SIGINT never arrived"
+    assert at_signal and len(got) - at_signal[0] <= 1
+    again = list(eng.generate(prompt + [7, 8], max_new_tokens=4, temperature=0))
+    eng._reset()
+    assert again == list(eng.generate(prompt + [7, 8], max_new_tokens=4, temperature=0))
