@@ -163,7 +163,7 @@ def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt and exit ('-' reads stdin)."),
     json_out: bool = typer.Option(False, "--json", help="With --prompt: print one JSON object."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
@@ -190,7 +190,7 @@ def bench(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result; exit 3 if a figure regressed."),
     max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server from the client side instead."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
@@ -223,7 +223,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/responses)."""
@@ -251,7 +251,7 @@ def eval_(
     ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity: tokens per window (default 512)."),
     ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Perplexity: tokens between window starts (default 256)."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
-    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU, float32 on a CPU)."),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     list_: bool = typer.Option(False, "--list", help="List the suites and exit."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),

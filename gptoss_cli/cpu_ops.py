@@ -139,6 +139,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, f"cpu-native ({lib.gptoss_moe_simd().decode()})"
 
 
+def bf16_native() -> bool:
+    """Whether the library is built and multiplies bf16 in AVX512-BF16 (``dtype auto`` on CPU
+    is then bfloat16)."""
+    lib, _ = _library()
+    return lib is not None and "avx512_bf16" in lib.gptoss_moe_simd().decode()
+
+
 def status() -> str:
     """Which MoE runs on CPU tensors: ``cpu-native (avx512)`` or why the reference runs."""
     lib, why = _library()

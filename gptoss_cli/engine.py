@@ -56,11 +56,21 @@ def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or _cpu_bf16_native(device) else torch.float32
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
     if dtype not in table:
         raise GptossError(f"unknown dtype {dtype!r}", "use auto, bfloat16 or float32")
     return table[dtype]
+
+
+def _cpu_bf16_native(device: torch.device) -> bool:
+    """Whether bf16 on this CPU runs at memory speed: the native library is built and multiplies
+    in AVX512-BF16 (without it PyTorch's bf16 matrix-vector products are slower than float32's)."""
+    if device.type != "cpu" or not ops.use_cpu_native(device):
+        return False
+    from .cpu_ops import bf16_native
+
+    return bf16_native()
 
 
 @dataclass
