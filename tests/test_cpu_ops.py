@@ -193,3 +193,14 @@ def test_native_attention_leaves_prefill_and_fp16_to_the_reference(monkeypatch):
         assert torch.equal(cpu_ops.attention(*args), ops.attention.reference(*args))
     assert calls == []
 
+
+def test_ops_attention_dispatches_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.attention`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
+    args = _attn_args("ring", 2, 1, 8, 2, 64, 8, torch.float32, seed=3)
+    calls = []
+    real = cpu_ops._library()[0].gptoss_attention
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    assert rel_err(ops.attention(*args), ops.attention.reference(*args)) < 1e-5 and calls == [1]
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert torch.equal(ops.attention(*args), ops.attention.reference(*args)) and calls == [1]
