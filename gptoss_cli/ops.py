@@ -11,8 +11,8 @@ Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` in
   the tests run the whole engine that way).
 
 On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implementation instead
-(``moe`` and ``linear``: ``cpu_ops``, a small C++ library built at first use; where it cannot
-be built the MoE warns once and runs the reference).
+(``moe``, ``linear`` and ``attention``: ``cpu_ops``, a small C++ library built at first use;
+where it cannot be built the MoE warns once and all three run the reference).
 
 There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
 plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
@@ -238,7 +238,7 @@ def rope_store(
     return apply_rope(q, c, s)
 
 
-@_kernel_op("attention", ("_attn_fwd",))
+@_kernel_op("attention", ("_attn_fwd",), cpu="cpu_ops")
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, scale: float, keys_by_position: bool = False,

@@ -1,16 +1,22 @@
-"""The native CPU MoE (``cpu_ops``, C++ at first use) against the reference ``ops.moe.reference``.
+"""The native CPU MoE (``cpu_ops``, C++ at first use) against the reference ``ops.moe.reference``;
+the native bf16 linear and decode attention against theirs.
 
 Sizes are multiples of 32 (an MXFP4 block) but not of the library's tiles (4 rows, 4 tokens),
 and thread counts split the rows unevenly; token counts cover decode (1-8) and prefill (150),
 with experts that get no token, one, and many. The fallback when no compiler can build it is
 tested too: it must say so and still give the reference's result.
+
+Attention: the ways the runtime calls it at decode (T = 1) and for a few tokens (3, 16): a full
+cache (slots by position, stale slots past the query, k and v slices of a bigger buffer) and a
+ring (positions permuted, some slots empty); window on and off; GQA ratios 4 and 1; d_head 64
+(the AVX-512 path) and 24 (the scalar one); q a strided view of a qkv projection, as in the model.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernels_util import moe_weights, rel_err
+from kernels_util import moe_weights, poison_allocations, rel_err  # noqa: F401
 
 from gptoss_cli import cpu_ops, ops
 from gptoss_cli.errors import GptossError
@@ -148,3 +154,92 @@ def test_ctrl_c_at_20b_shapes_stops_within_one_token(monkeypatch):
     again = list(eng.generate(prompt + [7, 8], max_new_tokens=4, temperature=0))
     eng._reset()
     assert again == list(eng.generate(prompt + [7, 8], max_new_tokens=4, temperature=0))
+
+def _attn_args(layout, B, T, H, K, dh, window, dtype, seed, S=40, start=25):
+    """Arguments of ``ops.attention`` as the model passes them: q a view into a qkv projection;
+    ``full``: k, v the first S slots of a bigger cache buffer, slot n at position n, stale slots past
+    the queries; ``ring``: S slots holding the last S-6 positions in a shuffled order, 6 empty."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * K) * dh, generator=g).to(dtype)
+    q = qkv[..., : H * dh].view(B, T, H, dh)                                 # [B, T, H, dh], strided
+    q_pos = torch.arange(start, start + T)
+    if layout == "full":
+        buf_k, buf_v = (torch.randn(B, S + 9, K, dh, generator=g).to(dtype) for _ in range(2))
+        k, v, k_pos = buf_k[:, :S], buf_v[:, :S], torch.arange(S)
+    else:
+        k, v = (torch.randn(B, S, K, dh, generator=g).to(dtype) for _ in range(2))
+        k_pos = torch.full((S,), -1, dtype=torch.long)
+        k_pos[torch.randperm(S, generator=g)[:S - 6]] = torch.arange(start + T - S + 6, start + T)
+    sinks = torch.randn(H, generator=g) * 2
+    return q, k, v, sinks, q_pos, k_pos, window, dh ** -0.5, layout == "full"
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("window", [0, 8])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+@pytest.mark.parametrize("B,H,K,dh,threads", [(1, 8, 2, 64, 1), (2, 8, 2, 64, 3), (2, 4, 4, 24, 3), (1, 4, 4, 24, 1)])
+def test_native_attention_matches_reference(monkeypatch, dtype, T, window, layout, B, H, K, dh, threads):
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, str(threads))
+    args = _attn_args(layout, B, T, H, K, dh, window, dtype, seed=T * 13 + window + dh + B)
+    q = args[0]
+    assert q.untyped_storage().nbytes() > q.numel() * q.element_size()      # a view of qkv, as in the model
+    ref_o = ops.attention.reference(*args)
+    cpu_o = cpu_ops.attention(*args)
+    assert cpu_o.shape == (B, T, H, dh) and cpu_o.dtype == dtype
+    assert rel_err(cpu_o, ref_o) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout,window", [("full", 0), ("full", 300), ("ring", 0)])
+def test_native_attention_split_over_threads(monkeypatch, dtype, layout, window):
+    """Enough keys that the library starts its threads (about 1M multiply-adds each): 20 work
+    items (batch, kv head, token) split 6/7/7 over 3 threads (2 with the window)."""
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "3")
+    args = _attn_args(layout, 2, 5, 8, 2, 64, window, dtype, seed=window + 1, S=1100, start=1050)
+    ref_o, cpu_o = ops.attention.reference(*args), cpu_ops.attention(*args)
+    assert rel_err(cpu_o, ref_o) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [0, 8])
+@pytest.mark.parametrize("dh", [64, 24])
+def test_native_attention_lonely_and_empty_queries(dtype, window, dh):
+    """Query 0 sees only its own key (every other slot is empty or out of its window: all of the
+    softmax but the sink is one key), query 1 sees nothing at all (only the sink: output 0)."""
+    g = torch.Generator().manual_seed(dh + window)
+    B, H, K, S = 2, 8, 2, 24
+    q = torch.randn(B, 2, H, dh, generator=g).to(dtype)
+    k, v = (torch.randn(B, S, K, dh, generator=g).to(dtype) for _ in range(2))
+    k_pos = torch.full((S,), -1, dtype=torch.long)
+    k_pos[5], k_pos[9] = 50, 60                       # query at 50 sees slot 5 only; 60 is its future
+    if window:
+        k_pos[11] = 50 - window                       # just outside the window
+    args = (q, k, v, torch.randn(H, generator=g), torch.tensor([50, 40]), k_pos, window, dh ** -0.5)
+    ref_o, cpu_o = ops.attention.reference(*args), cpu_ops.attention(*args)
+    assert rel_err(cpu_o, ref_o) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(cpu_o[:, 1], torch.zeros_like(cpu_o[:, 1]))
+
+
+def test_native_attention_leaves_prefill_and_fp16_to_the_reference(monkeypatch):
+    """More than ATTN_MAX_ROWS tokens, or a dtype the library does not take: the reference's own result."""
+    calls = []
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_attention", lambda *a: calls.append(1))
+    for T, dtype in ((cpu_ops.ATTN_MAX_ROWS + 1, torch.float32), (2, torch.float16)):
+        args = _attn_args("full", 1, T, 8, 2, 16, 0, dtype, seed=T)
+        assert torch.equal(cpu_ops.attention(*args), ops.attention.reference(*args))
+    assert calls == []
+
+
+def test_ops_attention_dispatches_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.attention`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
+    args = _attn_args("ring", 2, 1, 8, 2, 64, 8, torch.float32, seed=3)
+    calls = []
+    real = cpu_ops._library()[0].gptoss_attention
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    assert rel_err(ops.attention(*args), ops.attention.reference(*args)) < 1e-5 and calls == [1]
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert torch.equal(ops.attention(*args), ops.attention.reference(*args)) and calls == [1]
