@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from gptoss_cli import bench, benchstats, ops
 from gptoss_cli.cli import app
 from gptoss_cli.config import PRESETS
-from gptoss_cli.engine import Engine
+from gptoss_cli.engine import Engine, pick_dtype
 
 FIGURE_KEYS = [f.key for f in benchstats.FIGURES]
 QUICK = ["--random-weights", "tiny", "--device", "cpu", "--prompt-lens", "6", "--gen-tokens", "3",
@@ -152,7 +152,8 @@ def test_json_has_the_documented_fields(sweep):
     for key in ("device", "device_name", "driver", "torch", "triton", "dtype", "ops", "cuda_graph",
                 "bench_path"):
         assert key in sysinfo, key
-    assert sysinfo["device"] == "cpu" and sysinfo["cuda_graph"] is False and sysinfo["dtype"] == "float32"
+    auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")   # bf16 with AVX512-BF16
+    assert sysinfo["device"] == "cpu" and sysinfo["cuda_graph"] is False and sysinfo["dtype"] == auto
     model = sweep["model"]
     assert model["name"] == "tiny" and model["preset"] == "tiny" and model["random_weights"] is True
     assert model["context"] >= 12 + 20 + 4 and model["params"]["total"] > model["params"]["active_per_token"]
@@ -201,7 +202,7 @@ def test_markdown_parses():
     assert set(table[1].replace("|", "").split()) == {"---:"}
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     assert [row[0] for row in rows] == ["4", "6"] and all(len(row) == len(header) for row in rows)
-    assert "random weights" in r.stdout and "float32" in r.stdout
+    assert "random weights" in r.stdout and str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.") in r.stdout
 
 
 def test_table_is_the_default_and_output_file_gets_json(tmp_path):
