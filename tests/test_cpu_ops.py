@@ -14,6 +14,8 @@ ring (positions permuted, some slots empty); window on and off; GQA ratios 4 and
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from kernels_util import moe_weights, poison_allocations, rel_err  # noqa: F401
@@ -243,3 +245,41 @@ def test_ops_attention_dispatches_cpu_tensors_to_native(monkeypatch):
     assert rel_err(ops.attention(*args), ops.attention.reference(*args)) < 1e-5 and calls == [1]
     monkeypatch.setenv(ops.KERNELS_ENV, "0")
     assert torch.equal(ops.attention(*args), ops.attention.reference(*args)) and calls == [1]
+
+
+def test_worker_pool_serves_concurrent_callers_and_forked_children(monkeypatch):
+    """The library keeps its worker threads between calls: two Python threads calling at once
+    both get the reference's result, and a child forked after the pool started runs its own."""
+    import os
+    import threading
+
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "2")
+    args = _args(150, 8, 96, 64, 4, torch.float32)    # enough work that both threads start
+    want = ops.moe.reference(*args)
+    got = {}
+
+    def call(i):
+        got[i] = [rel_err(cpu_ops.moe(*args), want) for _ in range(5)]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(max(got[i]) < 1e-5 for i in range(2)), got
+    pid = os.fork()
+    if pid == 0:                                     # the child: exit 0 only if the call is right
+        try:
+            os._exit(0 if rel_err(cpu_ops.moe(*args), want) < 1e-5 else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the forked child hung in the library")
+    assert os.waitstatus_to_exitcode(status) == 0
