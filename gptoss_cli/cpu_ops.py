@@ -61,9 +61,10 @@ from .errors import GptossError
 
 THREADS_ENV = "GPTOSS_THREADS"
 CACHE_ENV = "GPTOSS_CACHE"
-SOURCE = "cpu_ops.cpp"
+SOURCES = ("cpu_ops.cpp", "small_ops.cpp")   # compiled together into one library
 LINEAR_MAX_ROWS = 16
 ATTN_MAX_ROWS = 16        # query tokens per native attention call; prefill runs the reference
+SMALL_MAX_ROWS = 16       # tokens (rows) per native rope_store / norm call; prefill runs the reference
 MOE_MAX_TOKENS = 256      # tokens per library call: Ctrl-C is seen between calls (~1 s at 20b)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -110,10 +111,11 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(cxx: str, source: bytes) -> Path:
-    """Compile the library into the cache (atomically: parallel processes may race)."""
+def _build(cxx: str, sources: dict[str, bytes]) -> Path:
+    """Compile the library from ``sources`` (file name -> text) into the cache (atomically:
+    parallel processes may race)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([*sources.values(), " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     lib = folder / f"libgptoss_cpu-{key}.so"
@@ -121,10 +123,12 @@ def _build(cxx: str, source: bytes) -> Path:
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
+        paths = []
+        for name, text in sources.items():
+            paths.append(Path(tmp) / name)
+            paths[-1].write_bytes(text)
         tmp_lib = Path(tmp) / lib.name
-        done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(tmp_lib)], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, *map(str, paths), "-o", str(tmp_lib)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp_lib, lib)
@@ -138,9 +142,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if cxx is None:
         return None, "no C++ compiler found (install g++, or set CXX)"
     try:
-        lib = ctypes.CDLL(str(_build(cxx, (files("gptoss_cli") / "csrc" / SOURCE).read_bytes())))
+        sources = {name: (files("gptoss_cli") / "csrc" / name).read_bytes() for name in SOURCES}
+        lib = ctypes.CDLL(str(_build(cxx, sources)))
     except (OSError, RuntimeError) as exc:
-        return None, f"building {SOURCE} with {cxx} failed: {exc}"
+        return None, f"building {' + '.join(SOURCES)} with {cxx} failed: {exc}"
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32
@@ -148,6 +153,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_linear_bf16.restype = i32
     lib.gptoss_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, f32, i32, p, i32, i32]
     lib.gptoss_attention.restype = i32
+    lib.gptoss_rope_store.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
+    lib.gptoss_rope_store.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
     return lib, f"cpu-native ({lib.gptoss_moe_simd().decode()})"
 
@@ -255,3 +262,48 @@ def attention(
     if rc != 0:
         raise ValueError(f"cpu_ops.attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)} (code {rc})")
     return out
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ops.rope_store`` on CPU tensors: the library for up to ``SMALL_MAX_ROWS`` tokens in float32
+    or bf16 (q, k, v strided views of the qkv projection, read in place; the caches written in
+    place), else the reference."""
+    from . import ops
+
+    B, T, H, dh = q.shape
+    K, S = k.shape[2], k_cache.shape[1]
+    dtype = q.dtype
+    lib = None
+    if (T <= SMALL_MAX_ROWS and dtype in (torch.float32, torch.bfloat16) and dh % 2 == 0
+            and all(t.dtype == dtype for t in (k, v, k_cache, v_cache))
+            and (qkv_bias is None or qkv_bias.dtype == dtype)
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and (ring_pos is None or (ring_pos.dtype == torch.int64 and ring_pos.is_contiguous() and T <= S))):
+        lib, _ = _library()
+    if lib is None:
+        return ops.rope_store.reference(q, k, v, cos, sin, pos, k_cache, v_cache, slots, ring_pos, qkv_bias)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    strides = (ctypes.c_int64 * 15)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                    *k_cache.stride()[:3], *v_cache.stride()[:3])
+    c, s = cos.float().contiguous(), sin.float().contiguous()               # [P, dh/2]
+    p = pos.to(torch.int64).contiguous()
+    sl = None if ring_pos is not None else slots.to(torch.int64).contiguous()
+    bias = None if qkv_bias is None else qkv_bias.contiguous()
+    out = torch.empty(B, T, H, dh, dtype=dtype)                              # [B, T, H, dh]
+    rc = lib.gptoss_rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, B, T, H, K, dh, S,
+                               c.shape[0], c.data_ptr(), s.data_ptr(), p.data_ptr(), _ptr(sl), _ptr(ring_pos),
+                               k_cache.data_ptr(), v_cache.data_ptr(), _ptr(bias), out.data_ptr(),
+                               int(dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"cpu_ops.rope_store: bad input (code {rc}): q {tuple(q.shape)}, cache "
+                         f"{tuple(k_cache.shape)}, positions {pos.tolist()} of {c.shape[0]}")
+    return out
+

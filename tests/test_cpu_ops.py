@@ -243,3 +243,65 @@ def test_ops_attention_dispatches_cpu_tensors_to_native(monkeypatch):
     assert rel_err(ops.attention(*args), ops.attention.reference(*args)) < 1e-5 and calls == [1]
     monkeypatch.setenv(ops.KERNELS_ENV, "0")
     assert torch.equal(ops.attention(*args), ops.attention.reference(*args)) and calls == [1]
+
+
+def _rope_args(layout, B, T, H, K, dh, dtype, bias, seed, S=24, start=30):
+    """Arguments of ``ops.rope_store`` as the model passes them: q, k, v views of one qkv
+    projection; ``full``: slots = positions of a cache of S slots; ``ring``: S slots, slot pos mod S."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * K) * dh, generator=g).to(dtype)
+    q, k, v = qkv.split((H * dh, K * dh, K * dh), dim=-1)
+    q, k, v = q.view(B, T, H, dh), k.view(B, T, K, dh), v.view(B, T, K, dh)  # strided views
+    cos, sin = ops.rope_table(start + T + 5, dh, 150000.0, 32.0, 4096, 32.0, 1.0, 1.0 + 0.1 * 3.4657)
+    pos = torch.arange(start, start + T)
+    k_cache, v_cache = (torch.randn(B, S if layout == "ring" else start + T + 3, K, dh, generator=g).to(dtype)
+                        for _ in range(2))
+    ring_pos = torch.full((S,), -1, dtype=torch.long) if layout == "ring" else None
+    slots = None if layout == "ring" else pos.clone()
+    qkv_bias = torch.randn((H + 2 * K) * dh, generator=g).to(dtype) if bias else None
+    return q, k, v, cos, sin, pos, k_cache, v_cache, slots, ring_pos, qkv_bias
+
+
+def _clone_state(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("B,H,K,dh", [(1, 8, 2, 64), (2, 8, 2, 16), (2, 4, 4, 64)])
+def test_native_rope_store_matches_reference(dtype, T, layout, bias, B, H, K, dh):
+    args = _rope_args(layout, B, T, H, K, dh, dtype, bias, seed=T * 7 + dh + B + bias)
+    assert args[0].untyped_storage().nbytes() > args[0].numel() * args[0].element_size()
+    ref_args, cpu_args = _clone_state(args), _clone_state(args)
+    ref_q = ops.rope_store.reference(*ref_args)
+    cpu_q = cpu_ops.rope_store(*cpu_args)
+    assert cpu_q.shape == (B, T, H, dh) and cpu_q.dtype == dtype and cpu_q.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(cpu_q, ref_q) < tol
+    written = (cpu_args[5] % cpu_args[6].shape[1]) if layout == "ring" else cpu_args[8]
+    untouched = torch.ones(cpu_args[6].shape[1], dtype=torch.bool)
+    untouched[written] = False
+    for i in (6, 7):                                                         # k_cache, v_cache
+        assert rel_err(cpu_args[i][:, written], ref_args[i][:, written]) < tol
+        assert torch.equal(cpu_args[i][:, untouched], args[i][:, untouched])
+    assert torch.equal(cpu_args[7][:, written], ref_args[7][:, written])    # v: one add at most
+    if layout == "ring":
+        assert torch.equal(cpu_args[9], ref_args[9])
+
+
+def test_native_rope_store_leaves_prefill_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_rope_store", lambda *a: calls.append(1))
+    args = _rope_args("full", 1, cpu_ops.SMALL_MAX_ROWS + 1, 8, 2, 16, torch.float32, True, seed=1)
+    ref_args, cpu_args = _clone_state(args), _clone_state(args)
+    assert torch.equal(cpu_ops.rope_store(*cpu_args), ops.rope_store.reference(*ref_args))
+    assert torch.equal(cpu_args[6], ref_args[6]) and calls == []
+
+
+def test_native_rope_store_rejects_positions_past_the_table():
+    args = list(_rope_args("full", 1, 1, 8, 2, 16, torch.float32, False, seed=2))
+    args[5] = args[5] + 1000
+    with pytest.raises(ValueError, match="rope_store"):
+        cpu_ops.rope_store(*args)
