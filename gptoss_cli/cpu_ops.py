@@ -155,6 +155,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_attention.restype = i32
     lib.gptoss_rope_store.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
     lib.gptoss_rope_store.restype = i32
+    lib.gptoss_add_rmsnorm.argtypes = [p, p, p, i64, i64, p, f32, p, p, p, p, i64, i64, p, p, i32]
+    lib.gptoss_add_rmsnorm.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
     return lib, f"cpu-native ({lib.gptoss_moe_simd().decode()})"
 
@@ -307,3 +309,76 @@ def rope_store(
                          f"{tuple(k_cache.shape)}, positions {pos.tolist()} of {c.shape[0]}")
     return out
 
+
+def _norm_native(x: torch.Tensor, tensors, router_w: torch.Tensor | None = None):
+    """The library when x has at most ``SMALL_MAX_ROWS`` rows in float32 or bf16 and every other
+    activation-side tensor (deltas, biases, the router) is in x's dtype; else None."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > SMALL_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16) \
+            or any(t is not None and t.dtype != x.dtype for t in tensors):
+        return None
+    if router_w is not None and router_w.shape[0] > 4096:
+        return None
+    return _library()[0]
+
+
+def _add_rmsnorm_call(lib, x, delta, scale, eps, delta_bias=None, router=None):
+    """(x_new or None, h, routing or None) from one library call; ``router``: (w, b, top_k)."""
+    D = x.shape[-1]
+    N = x.numel() // D
+    xc = x.reshape(N, D).contiguous()
+    dc = None if delta is None else delta.reshape(N, D).contiguous()
+    db = None if delta_bias is None else delta_bias.contiguous()
+    sc = scale.float().contiguous()
+    x_new = None if delta is None else torch.empty(N, D, dtype=x.dtype)
+    h = torch.empty(N, D, dtype=x.dtype)
+    rw = rb = weights = experts = None
+    E = top_k = 0
+    if router is not None:
+        rw, rb, top_k = router[0].contiguous(), router[1].contiguous(), int(router[2])
+        E = rw.shape[0]
+        weights = torch.empty(N, top_k, dtype=torch.float32)
+        experts = torch.empty(N, top_k, dtype=torch.int64)
+    rc = lib.gptoss_add_rmsnorm(xc.data_ptr(), _ptr(dc), _ptr(db), N, D, sc.data_ptr(), float(eps),
+                                _ptr(x_new), h.data_ptr(), _ptr(rw), _ptr(rb), E, top_k, _ptr(weights),
+                                _ptr(experts), int(x.dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"cpu_ops: bad norm/router shapes x {tuple(x.shape)} (code {rc})")
+    x_new = None if x_new is None else x_new.view(x.shape)
+    return x_new, h.view(x.shape), (None if router is None else (weights, experts))
+
+
+def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``ops.rmsnorm`` on CPU tensors: the library for a few rows, else the reference."""
+    from . import ops
+
+    lib = _norm_native(x, ())
+    if lib is None:
+        return ops.rmsnorm.reference(x, scale, eps)
+    return _add_rmsnorm_call(lib, x, None, scale, eps)[1]
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float):
+    """``ops.add_rmsnorm`` on CPU tensors: the library for a few rows, else the reference."""
+    from . import ops
+
+    lib = _norm_native(x, (delta,)) if delta.shape == x.shape else None
+    if lib is None:
+        return ops.add_rmsnorm.reference(x, delta, scale, eps)
+    return _add_rmsnorm_call(lib, x, delta, scale, eps)[:2]
+
+
+def add_rmsnorm_route(
+    x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+    router_w: torch.Tensor, router_b: torch.Tensor, top_k: int, delta_bias: torch.Tensor | None = None,
+):
+    """``ops.add_rmsnorm_route`` on CPU tensors: the library for a few rows (router logits rounded
+    to x's dtype as F.linear does, top-k ties to the lower expert), else the reference."""
+    from . import ops
+
+    lib = None
+    if delta.shape == x.shape:
+        lib = _norm_native(x, (delta, delta_bias, router_w, router_b), router_w)
+    if lib is None:
+        return ops.add_rmsnorm_route.reference(x, delta, scale, eps, router_w, router_b, top_k, delta_bias)
+    return _add_rmsnorm_call(lib, x, delta, scale, eps, delta_bias, (router_w, router_b, top_k))

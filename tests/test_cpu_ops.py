@@ -305,3 +305,79 @@ def test_native_rope_store_rejects_positions_past_the_table():
     args[5] = args[5] + 1000
     with pytest.raises(ValueError, match="rope_store"):
         cpu_ops.rope_store(*args)
+
+
+def _norm_args(B, T, D, E, top_k, dtype, bias, seed):
+    """Arguments of ``ops.add_rmsnorm_route`` as the model passes them: x, delta [B, T, D] in the
+    activation dtype, the norm scale float32, the router and the attention's output bias in the
+    activation dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x, delta = (torch.randn(B, T, D, generator=g).to(dtype) for _ in range(2))
+    scale = 1 + 0.1 * torch.randn(D, generator=g)
+    router_w = (torch.randn(E, D, generator=g) * D ** -0.5).to(dtype)
+    router_b = (0.1 * torch.randn(E, generator=g)).to(dtype)
+    delta_bias = (0.1 * torch.randn(D, generator=g)).to(dtype) if bias else None
+    return x, delta, scale, 1e-5, router_w, router_b, top_k, delta_bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 3), (2, 3), (1, 16)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("D,E,top_k", [(2880, 32, 4), (96, 8, 2), (40, 32, 4)])
+def test_native_add_rmsnorm_route_matches_reference(dtype, B, T, bias, D, E, top_k):
+    args = _norm_args(B, T, D, E, top_k, dtype, bias, seed=B * 5 + T + D + E + bias)
+    ref_x, ref_h, (ref_w, ref_e) = ops.add_rmsnorm_route.reference(*args)
+    cpu_x, cpu_h, (cpu_w, cpu_e) = cpu_ops.add_rmsnorm_route(*args)
+    assert cpu_x.shape == cpu_h.shape == (B, T, D) and cpu_x.dtype == cpu_h.dtype == dtype
+    assert cpu_w.dtype == torch.float32 and cpu_e.dtype == torch.int64 and cpu_e.shape == (B * T, top_k)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.equal(cpu_x, ref_x)                                         # one add (two with the bias)
+    assert rel_err(cpu_h, ref_h) < tol
+    assert torch.equal(cpu_e, ref_e)                                         # the same experts, same order
+    assert rel_err(cpu_w, ref_w) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 3), (1, 16)])
+def test_native_add_rmsnorm_and_rmsnorm_match_reference(dtype, B, T):
+    x, delta, scale, eps = _norm_args(B, T, 2880, 8, 2, dtype, False, seed=B + T)[:4]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    ref_x, ref_h = ops.add_rmsnorm.reference(x, delta, scale, eps)
+    cpu_x, cpu_h = cpu_ops.add_rmsnorm(x, delta, scale, eps)
+    assert torch.equal(cpu_x, ref_x) and rel_err(cpu_h, ref_h) < tol and cpu_h.dtype == dtype
+    cpu_n = cpu_ops.rmsnorm(x, scale, eps)
+    assert cpu_n.shape == x.shape and rel_err(cpu_n, ops.rmsnorm.reference(x, scale, eps)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("E,top_k", [(8, 2), (32, 4), (256, 4)])
+def test_native_route_breaks_ties_as_torch_topk(dtype, E, top_k):
+    """Router rows built so that the logits tie exactly (copies of one weight row, zero bias):
+    the same experts as torch.topk on CPU, in its order. That order is not "lower index first"
+    (torch.topk uses std::nth_element or std::partial_sort, which are not stable): here it
+    gives the higher index first, so the library runs the same std algorithms."""
+    x, delta, scale, eps, router_w, _, _, _ = _norm_args(1, 3, 64, E, top_k, dtype, False, seed=E)
+    coef = torch.tensor([2.0, -2.0, 1.0])[torch.arange(E) % 3]   # powers of two: exact ties
+    router_w = (coef[:, None] * router_w[0].float()).to(dtype)                # [E, D], rows tie
+    router_b = torch.zeros(E, dtype=dtype)
+    ref = ops.add_rmsnorm_route.reference(x, delta, scale, eps, router_w, router_b, top_k)[2]
+    cpu = cpu_ops.add_rmsnorm_route(x, delta, scale, eps, router_w, router_b, top_k)[2]
+    assert torch.equal(cpu[1], ref[1]) and rel_err(cpu[0], ref[0]) < 1e-5
+    h = cpu_ops.add_rmsnorm(x, delta, scale, eps)[1].reshape(3, 64)
+    logits = ops.linear.reference(h, router_w, router_b)                      # [3, E]
+    for row in range(3):
+        chosen = logits[row][cpu[1][row]]
+        assert torch.equal(chosen, logits[row].topk(top_k).values)            # the top values, descending
+        assert (logits[row] == chosen[-1]).sum() > (chosen == chosen[-1]).sum()  # a tie was cut
+
+
+def test_native_norms_leave_prefill_and_fp16_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_add_rmsnorm", lambda *a: calls.append(1))
+    prefill = _norm_args(1, cpu_ops.SMALL_MAX_ROWS + 1, 64, 8, 2, torch.float32, True, seed=3)
+    half = tuple(t.half() if isinstance(t, torch.Tensor) and i != 2 else t
+                 for i, t in enumerate(_norm_args(1, 1, 64, 8, 2, torch.float32, True, seed=4)))
+    for args in (prefill, half):
+        ref, got = ops.add_rmsnorm_route.reference(*args), cpu_ops.add_rmsnorm_route(*args)
+        assert all(torch.equal(a, b) for a, b in zip((*ref[:2], *ref[2]), (*got[:2], *got[2])))
+    assert calls == []

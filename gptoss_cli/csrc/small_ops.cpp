@@ -12,13 +12,17 @@
 // multiply-adds (PyTorch rounds each product). Sums are accumulated in another order than
 // PyTorch's, so a norm or a logit may differ in its last float32 bit.
 //
-// C ABI (loaded with ctypes, built with cpu_ops.cpp into one library): gptoss_rope_store below; 0, or a negative code on bad input.
+// C ABI (loaded with ctypes, built with cpu_ops.cpp into one library): gptoss_rope_store and
+// gptoss_add_rmsnorm below; 0, or a negative code on bad input.
 
 #pragma GCC optimize("fp-contract=off")
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -85,6 +89,81 @@ void rope_store(const X* q, const X* k, const X* v, const int64_t* st, int64_t B
         }
 }
 
+// dot(a, b) over n in float32, 16 partial sums (vectorized by the compiler without -ffast-math).
+template <class X>
+inline float dot(const X* a, const X* b, int64_t n) {
+    float acc[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += widen(a[i + j]) * widen(b[i + j]);
+    float sum = 0.0f;
+    for (int j = 0; j < 16; ++j) sum += acc[j];
+    for (; i < n; ++i) sum += widen(a[i]) * widen(b[i]);
+    return sum;
+}
+
+// experts[0..k) = the top k of logits[0..E) as torch.topk(sorted=True) on CPU chooses them, ties
+// included: its own algorithm (aten/src/ATen/native/TopKImpl.h), std::partial_sort when
+// k * 64 <= E, else std::nth_element at k-1 and std::sort of the first k-1, with its comparator
+// (NaN first). Equal logits then come out in the order these std algorithms leave them (not by
+// index: measured, the higher index first for 8 or 32 experts), and the same experts are chosen.
+using Scored = std::pair<float, int64_t>;
+inline void top_k_like_torch(const float* logits, int64_t E, int64_t k, std::vector<Scored>& queue, int64_t* experts) {
+    queue.resize(size_t(E));
+    for (int64_t e = 0; e < E; ++e) queue[size_t(e)] = {logits[e], e};
+    auto greater = [](const Scored& x, const Scored& y) {
+        return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
+    };
+    if (k * 64 <= E) {
+        std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), greater);
+    } else {
+        std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), greater);
+        std::sort(queue.begin(), queue.begin() + k - 1, greater);
+    }
+    for (int64_t j = 0; j < k; ++j) experts[j] = queue[size_t(j)].second;
+}
+
+// Rows of D: x_out = x + (delta + delta_bias) (each add rounded to X), h = rmsnorm(x_out) * scale;
+// delta null: h = rmsnorm(x) (x_out unused). router_w given: the top_k of the logits
+// round_X(h . router_w[e] + router_b[e]) (chosen as torch.topk does), descending, and their softmax.
+template <class X>
+void add_rmsnorm(const X* x, const X* delta, const X* delta_bias, int64_t N, int64_t D, const float* scale,
+                 float eps, X* x_out, X* h_out, const X* router_w, const X* router_b, int64_t E,
+                 int64_t top_k, float* weights, int64_t* experts, float* logits) {
+    std::vector<Scored> queue;
+    for (int64_t n = 0; n < N; ++n) {
+        const X* xr = x + n * D;
+        X* hr = h_out + n * D;
+        const X* xs = xr;
+        if (delta) {
+            X* xo = x_out + n * D;
+            const X* dr = delta + n * D;
+            for (int64_t i = 0; i < D; ++i) {
+                const float d = delta_bias ? round_to<X>(widen(dr[i]) + widen(delta_bias[i])) : widen(dr[i]);
+                store(xo + i, widen(xr[i]) + d);
+            }
+            xs = xo;
+        }
+        double ssq = 0.0;
+        for (int64_t i = 0; i < D; ++i) {
+            const float f = widen(xs[i]);
+            ssq += double(f * f);
+        }
+        const float r = 1.0f / std::sqrt(float(ssq / double(D)) + eps);
+        for (int64_t i = 0; i < D; ++i) store(hr + i, (widen(xs[i]) * r) * scale[i]);
+        if (!router_w) continue;
+        for (int64_t e = 0; e < E; ++e) logits[e] = round_to<X>(dot(hr, router_w + e * D, D) + widen(router_b[e]));
+        float* w = weights + n * top_k;
+        int64_t* ex = experts + n * top_k;
+        top_k_like_torch(logits, E, top_k, queue, ex);
+        for (int64_t j = 0; j < top_k; ++j) w[j] = logits[ex[j]];
+        const float mx = w[0];
+        float sum = 0.0f;
+        for (int64_t j = 0; j < top_k; ++j) sum += (w[j] = std::exp(w[j] - mx));
+        for (int64_t j = 0; j < top_k; ++j) w[j] /= sum;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -116,6 +195,27 @@ int gptoss_rope_store(const void* q, const void* k, const void* v, const int64_t
         rope_store(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
                    strides, B, T, H, K, dh, cos, sin, pos, slots, static_cast<float*>(k_cache),
                    static_cast<float*>(v_cache), static_cast<const float*>(bias), static_cast<float*>(q_out));
+    return 0;
+}
+
+// x, delta [N, D] contiguous (float32, or bf16 when bf16), delta_bias [D] or null, scale [D]
+// float32; x_out, h_out [N, D]. delta null: RMSNorm of x alone. router_w [E, D], router_b [E]
+// in x's dtype, or null (no routing); weights [N, top_k] float32, experts [N, top_k] int64.
+int gptoss_add_rmsnorm(const void* x, const void* delta, const void* delta_bias, int64_t N, int64_t D,
+                       const float* scale, float eps, void* x_out, void* h_out, const void* router_w,
+                       const void* router_b, int64_t E, int64_t top_k, float* weights, int64_t* experts, int bf16) {
+    if (N < 0 || D <= 0 || (router_w && (E <= 0 || E > 4096 || top_k <= 0 || top_k > E))) return -1;
+    float logits[4096];
+    if (bf16)
+        add_rmsnorm(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(delta),
+                    static_cast<const uint16_t*>(delta_bias), N, D, scale, eps, static_cast<uint16_t*>(x_out),
+                    static_cast<uint16_t*>(h_out), static_cast<const uint16_t*>(router_w),
+                    static_cast<const uint16_t*>(router_b), E, top_k, weights, experts, logits);
+    else
+        add_rmsnorm(static_cast<const float*>(x), static_cast<const float*>(delta),
+                    static_cast<const float*>(delta_bias), N, D, scale, eps, static_cast<float*>(x_out),
+                    static_cast<float*>(h_out), static_cast<const float*>(router_w),
+                    static_cast<const float*>(router_b), E, top_k, weights, experts, logits);
     return 0;
 }
 
