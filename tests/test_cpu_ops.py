@@ -10,6 +10,10 @@ Attention: the ways the runtime calls it at decode (T = 1) and for a few tokens 
 cache (slots by position, stale slots past the query, k and v slices of a bigger buffer) and a
 ring (positions permuted, some slots empty); window on and off; GQA ratios 4 and 1; d_head 64
 (the AVX-512 path) and 24 (the scalar one); q a strided view of a qkv projection, as in the model.
+
+The small decode ops (rope_store, the norms, the router): B 1/2, T 1/3/16, ring and full caches
+(the slots written, ring_pos, the slots left alone), with and without biases, GQA, d_head 64 and
+16, routers of 8 and 32 experts; the experts chosen must be the reference's, ties included.
 """
 
 from __future__ import annotations
@@ -381,3 +385,36 @@ def test_native_norms_leave_prefill_and_fp16_to_the_reference(monkeypatch):
         ref, got = ops.add_rmsnorm_route.reference(*args), cpu_ops.add_rmsnorm_route(*args)
         assert all(torch.equal(a, b) for a, b in zip((*ref[:2], *ref[2]), (*got[:2], *got[2])))
     assert calls == []
+
+
+def test_ops_small_ops_dispatch_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.rope_store``, ``ops.rmsnorm``, ``ops.add_rmsnorm``, ``ops.add_rmsnorm_route`` on
+    CPU run the library; GPTOSS_KERNELS=0: the references, bit for bit."""
+    lib = cpu_ops._library()[0]
+    calls = []
+    for name in ("gptoss_rope_store", "gptoss_add_rmsnorm"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    rope = _rope_args("ring", 2, 1, 8, 2, 64, torch.bfloat16, True, seed=3)
+    norm = _norm_args(1, 1, 2880, 32, 4, torch.bfloat16, True, seed=3)
+
+    def run_all():
+        args = _clone_state(rope)
+        q = ops.rope_store(*args)
+        return [q, args[6], args[7], args[9], ops.rmsnorm(norm[0], norm[2], norm[3]),
+                *ops.add_rmsnorm(*norm[:4]), *ops.add_rmsnorm_route(*norm)[:2], *ops.add_rmsnorm_route(*norm)[2]]
+
+    def run_refs():
+        args = _clone_state(rope)
+        q = ops.rope_store.reference(*args)
+        return [q, args[6], args[7], args[9], ops.rmsnorm.reference(norm[0], norm[2], norm[3]),
+                *ops.add_rmsnorm.reference(*norm[:4]), *ops.add_rmsnorm_route.reference(*norm)[:2],
+                *ops.add_rmsnorm_route.reference(*norm)[2]]
+
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    native, refs = run_all(), run_refs()
+    assert calls == ["gptoss_rope_store"] + ["gptoss_add_rmsnorm"] * 4
+    assert all(rel_err(a, b) < 1e-2 for a, b in zip(native, refs) if a.is_floating_point())
+    assert torch.equal(native[-1], refs[-1])                                 # the same experts
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert all(torch.equal(a, b) for a, b in zip(run_all(), refs)) and len(calls) == 5
