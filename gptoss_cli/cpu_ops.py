@@ -1,5 +1,5 @@
-"""Native CPU ops (the MXFP4 MoE, the few-row bf16 linear, decode attention): a small C++ library,
-built at first use.
+"""Native CPU ops (the MXFP4 MoE, the few-row bf16 linear, decode attention, and a decode step's
+RoPE + cache store, residual add + RMSNorm + router): a small C++ library, built at first use.
 
 Why: the reference ``ops.moe`` dequantizes each chosen expert whole into a float tensor before
 its matmul, so one decode step writes and rereads about eight times the bytes the packed experts
@@ -38,8 +38,15 @@ is in float32. q may be a strided view (the split of the qkv projection) and k, 
 slices of a cache buffer: strides are passed, nothing is copied. Prefill runs the reference,
 whose einsums amortize their overhead over many rows.
 
-Routing is the reference's own (``ops.route.reference``), so the same experts are chosen.
-Computed in float32 whatever the activation dtype; the result is cast back to it.
+``rope_store``, ``rmsnorm``, ``add_rmsnorm``, ``add_rmsnorm_route`` (``csrc/small_ops.cpp``): at a
+decode step their references are about 60 tiny PyTorch ops per layer (~0.9 ms at gpt-oss-20b
+shapes, ~20 ms of a 24-layer step), all per-op overhead. For at most ``SMALL_MAX_ROWS`` tokens
+the library does each in one call, one thread, with the reference's roundings (a bias added in
+the activation dtype, the router logits rounded to it as ``F.linear`` does) and torch.topk's own
+selection algorithm, so the same experts are chosen, ties included. Prefill runs the references.
+
+Routing of ``moe`` alone is the reference's own (``ops.route.reference``), so the same experts
+are chosen. Computed in float32 whatever the activation dtype; the result is cast back to it.
 """
 
 from __future__ import annotations
@@ -62,9 +69,10 @@ from .errors import GptossError
 
 THREADS_ENV = "GPTOSS_THREADS"
 CACHE_ENV = "GPTOSS_CACHE"
-SOURCE = "cpu_ops.cpp"
+SOURCES = ("cpu_ops.cpp", "small_ops.cpp")   # compiled together into one library
 LINEAR_MAX_ROWS = 16
 ATTN_MAX_ROWS = 16        # query tokens per native attention call; prefill runs the reference
+SMALL_MAX_ROWS = 16       # tokens (rows) per native rope_store / norm call; prefill runs the reference
 MOE_MAX_TOKENS = 256      # tokens per library call: Ctrl-C is seen between calls (~1 s at 20b)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -111,10 +119,11 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(cxx: str, source: bytes) -> Path:
-    """Compile the library into the cache (atomically: parallel processes may race)."""
+def _build(cxx: str, sources: dict[str, bytes]) -> Path:
+    """Compile the library from ``sources`` (file name -> text) into the cache (atomically:
+    parallel processes may race)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([*sources.values(), " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     lib = folder / f"libgptoss_cpu-{key}.so"
@@ -122,10 +131,12 @@ def _build(cxx: str, source: bytes) -> Path:
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
+        paths = []
+        for name, text in sources.items():
+            paths.append(Path(tmp) / name)
+            paths[-1].write_bytes(text)
         tmp_lib = Path(tmp) / lib.name
-        done = subprocess.run([cxx, *FLAGS, str(src), "-o", str(tmp_lib)], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, *map(str, paths), "-o", str(tmp_lib)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp_lib, lib)
@@ -139,9 +150,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if cxx is None:
         return None, "no C++ compiler found (install g++, or set CXX)"
     try:
-        lib = ctypes.CDLL(str(_build(cxx, (files("gptoss_cli") / "csrc" / SOURCE).read_bytes())))
+        sources = {name: (files("gptoss_cli") / "csrc" / name).read_bytes() for name in SOURCES}
+        lib = ctypes.CDLL(str(_build(cxx, sources)))
     except (OSError, RuntimeError) as exc:
-        return None, f"building {SOURCE} with {cxx} failed: {exc}"
+        return None, f"building {' + '.join(SOURCES)} with {cxx} failed: {exc}"
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32
@@ -149,6 +161,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_linear_bf16.restype = i32
     lib.gptoss_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, f32, i32, p, i32, i32]
     lib.gptoss_attention.restype = i32
+    lib.gptoss_rope_store.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
+    lib.gptoss_rope_store.restype = i32
+    lib.gptoss_add_rmsnorm.argtypes = [p, p, p, i64, i64, p, f32, p, p, p, p, i64, i64, p, p, i32]
+    lib.gptoss_add_rmsnorm.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
     return lib, f"cpu-native ({lib.gptoss_moe_simd().decode()})"
 
@@ -256,3 +272,121 @@ def attention(
     if rc != 0:
         raise ValueError(f"cpu_ops.attention: bad shapes q {tuple(q.shape)}, k {tuple(k.shape)} (code {rc})")
     return out
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ops.rope_store`` on CPU tensors: the library for up to ``SMALL_MAX_ROWS`` tokens in float32
+    or bf16 (q, k, v strided views of the qkv projection, read in place; the caches written in
+    place), else the reference."""
+    from . import ops
+
+    B, T, H, dh = q.shape
+    K, S = k.shape[2], k_cache.shape[1]
+    dtype = q.dtype
+    lib = None
+    if (T <= SMALL_MAX_ROWS and dtype in (torch.float32, torch.bfloat16) and dh % 2 == 0
+            and all(t.dtype == dtype for t in (k, v, k_cache, v_cache))
+            and (qkv_bias is None or qkv_bias.dtype == dtype)
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and (ring_pos is None or (ring_pos.dtype == torch.int64 and ring_pos.is_contiguous() and T <= S))):
+        lib, _ = _library()
+    if lib is None:
+        return ops.rope_store.reference(q, k, v, cos, sin, pos, k_cache, v_cache, slots, ring_pos, qkv_bias)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    strides = (ctypes.c_int64 * 15)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                    *k_cache.stride()[:3], *v_cache.stride()[:3])
+    c, s = cos.float().contiguous(), sin.float().contiguous()               # [P, dh/2]
+    p = pos.to(torch.int64).contiguous()
+    sl = None if ring_pos is not None else slots.to(torch.int64).contiguous()
+    bias = None if qkv_bias is None else qkv_bias.contiguous()
+    out = torch.empty(B, T, H, dh, dtype=dtype)                              # [B, T, H, dh]
+    rc = lib.gptoss_rope_store(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, B, T, H, K, dh, S,
+                               c.shape[0], c.data_ptr(), s.data_ptr(), p.data_ptr(), _ptr(sl), _ptr(ring_pos),
+                               k_cache.data_ptr(), v_cache.data_ptr(), _ptr(bias), out.data_ptr(),
+                               int(dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"cpu_ops.rope_store: bad input (code {rc}): q {tuple(q.shape)}, cache "
+                         f"{tuple(k_cache.shape)}, positions {pos.tolist()} of {c.shape[0]}")
+    return out
+
+
+def _norm_native(x: torch.Tensor, tensors, router_w: torch.Tensor | None = None):
+    """The library when x has at most ``SMALL_MAX_ROWS`` rows in float32 or bf16 and every other
+    activation-side tensor (deltas, biases, the router) is in x's dtype; else None."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > SMALL_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16) \
+            or any(t is not None and t.dtype != x.dtype for t in tensors):
+        return None
+    if router_w is not None and router_w.shape[0] > 4096:
+        return None
+    return _library()[0]
+
+
+def _add_rmsnorm_call(lib, x, delta, scale, eps, delta_bias=None, router=None):
+    """(x_new or None, h, routing or None) from one library call; ``router``: (w, b, top_k)."""
+    D = x.shape[-1]
+    N = x.numel() // D
+    xc = x.reshape(N, D).contiguous()
+    dc = None if delta is None else delta.reshape(N, D).contiguous()
+    db = None if delta_bias is None else delta_bias.contiguous()
+    sc = scale.float().contiguous()
+    x_new = None if delta is None else torch.empty(N, D, dtype=x.dtype)
+    h = torch.empty(N, D, dtype=x.dtype)
+    rw = rb = weights = experts = None
+    E = top_k = 0
+    if router is not None:
+        rw, rb, top_k = router[0].contiguous(), router[1].contiguous(), int(router[2])
+        E = rw.shape[0]
+        weights = torch.empty(N, top_k, dtype=torch.float32)
+        experts = torch.empty(N, top_k, dtype=torch.int64)
+    rc = lib.gptoss_add_rmsnorm(xc.data_ptr(), _ptr(dc), _ptr(db), N, D, sc.data_ptr(), float(eps),
+                                _ptr(x_new), h.data_ptr(), _ptr(rw), _ptr(rb), E, top_k, _ptr(weights),
+                                _ptr(experts), int(x.dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"cpu_ops: bad norm/router shapes x {tuple(x.shape)} (code {rc})")
+    x_new = None if x_new is None else x_new.view(x.shape)
+    return x_new, h.view(x.shape), (None if router is None else (weights, experts))
+
+
+def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``ops.rmsnorm`` on CPU tensors: the library for a few rows, else the reference."""
+    from . import ops
+
+    lib = _norm_native(x, ())
+    if lib is None:
+        return ops.rmsnorm.reference(x, scale, eps)
+    return _add_rmsnorm_call(lib, x, None, scale, eps)[1]
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float):
+    """``ops.add_rmsnorm`` on CPU tensors: the library for a few rows, else the reference."""
+    from . import ops
+
+    lib = _norm_native(x, (delta,)) if delta.shape == x.shape else None
+    if lib is None:
+        return ops.add_rmsnorm.reference(x, delta, scale, eps)
+    return _add_rmsnorm_call(lib, x, delta, scale, eps)[:2]
+
+
+def add_rmsnorm_route(
+    x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+    router_w: torch.Tensor, router_b: torch.Tensor, top_k: int, delta_bias: torch.Tensor | None = None,
+):
+    """``ops.add_rmsnorm_route`` on CPU tensors: the library for a few rows (router logits rounded
+    to x's dtype as F.linear does, top-k ties to the lower expert), else the reference."""
+    from . import ops
+
+    lib = None
+    if delta.shape == x.shape:
+        lib = _norm_native(x, (delta, delta_bias, router_w, router_b), router_w)
+    if lib is None:
+        return ops.add_rmsnorm_route.reference(x, delta, scale, eps, router_w, router_b, top_k, delta_bias)
+    return _add_rmsnorm_call(lib, x, delta, scale, eps, delta_bias, (router_w, router_b, top_k))

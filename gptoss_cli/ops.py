@@ -11,8 +11,9 @@ Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` in
   the tests run the whole engine that way).
 
 On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implementation instead
-(``moe``, ``linear`` and ``attention``: ``cpu_ops``, a small C++ library built at first use;
-where it cannot be built the MoE warns once and all three run the reference).
+(``moe``, ``linear``, ``attention`` and, for a decode step's few tokens, ``rope_store``,
+``rmsnorm``, ``add_rmsnorm`` and ``add_rmsnorm_route``: ``cpu_ops``, a small C++ library built at
+first use; where it cannot be built the MoE warns once and all of them run the reference).
 
 There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
 plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
@@ -158,7 +159,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@_kernel_op("norm", ("_rmsnorm_kernel",))
+@_kernel_op("norm", ("_rmsnorm_kernel",), cpu="cpu_ops")
 def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32; ``scale`` is float32 [D]; returns x's dtype."""
     xf = x.float()
@@ -166,7 +167,7 @@ def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * scale).to(x.dtype)
 
 
-@_kernel_op("norm", ("_rmsnorm_kernel",))
+@_kernel_op("norm", ("_rmsnorm_kernel",), cpu="cpu_ops")
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float):
     """The pre-norm residual step: ``x + delta`` (in x's dtype) and its RMSNorm."""
     x = x + delta
@@ -210,7 +211,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
-@_kernel_op("rope", ("_rope_store_kernel",))
+@_kernel_op("rope", ("_rope_store_kernel",), cpu="cpu_ops")
 def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
@@ -293,7 +294,7 @@ def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor, top_k
     return torch.softmax(top.float(), dim=-1), experts
 
 
-@_kernel_op("moe", ("_add_rmsnorm_route_kernel", "_route_kernel", "_rmsnorm_kernel"))
+@_kernel_op("moe", ("_add_rmsnorm_route_kernel", "_route_kernel", "_rmsnorm_kernel"), cpu="cpu_ops")
 def add_rmsnorm_route(
     x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
     router_w: torch.Tensor, router_b: torch.Tensor, top_k: int, delta_bias: torch.Tensor | None = None,

@@ -10,6 +10,10 @@ Attention: the ways the runtime calls it at decode (T = 1) and for a few tokens 
 cache (slots by position, stale slots past the query, k and v slices of a bigger buffer) and a
 ring (positions permuted, some slots empty); window on and off; GQA ratios 4 and 1; d_head 64
 (the AVX-512 path) and 24 (the scalar one); q a strided view of a qkv projection, as in the model.
+
+The small decode ops (rope_store, the norms, the router): B 1/2, T 1/3/16, ring and full caches
+(the slots written, ring_pos, the slots left alone), with and without biases, GQA, d_head 64 and
+16, routers of 8 and 32 experts; the experts chosen must be the reference's, ties included.
 """
 
 from __future__ import annotations
@@ -270,6 +274,7 @@ def test_worker_pool_serves_concurrent_callers_and_forked_children(monkeypatch):
     pid = os.fork()
     if pid == 0:                                     # the child: exit 0 only if the call is right
         try:
+            torch.set_num_threads(1)    # PyTorch's OpenMP hangs in a child once the parent used it
             os._exit(0 if rel_err(cpu_ops.moe(*args), want) < 1e-5 else 1)
         finally:
             os._exit(2)
@@ -283,3 +288,173 @@ def test_worker_pool_serves_concurrent_callers_and_forked_children(monkeypatch):
         os.kill(pid, 9)
         pytest.fail("the forked child hung in the library")
     assert os.waitstatus_to_exitcode(status) == 0
+
+def _rope_args(layout, B, T, H, K, dh, dtype, bias, seed, S=24, start=30):
+    """Arguments of ``ops.rope_store`` as the model passes them: q, k, v views of one qkv
+    projection; ``full``: slots = positions of a cache of S slots; ``ring``: S slots, slot pos mod S."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * K) * dh, generator=g).to(dtype)
+    q, k, v = qkv.split((H * dh, K * dh, K * dh), dim=-1)
+    q, k, v = q.view(B, T, H, dh), k.view(B, T, K, dh), v.view(B, T, K, dh)  # strided views
+    cos, sin = ops.rope_table(start + T + 5, dh, 150000.0, 32.0, 4096, 32.0, 1.0, 1.0 + 0.1 * 3.4657)
+    pos = torch.arange(start, start + T)
+    k_cache, v_cache = (torch.randn(B, S if layout == "ring" else start + T + 3, K, dh, generator=g).to(dtype)
+                        for _ in range(2))
+    ring_pos = torch.full((S,), -1, dtype=torch.long) if layout == "ring" else None
+    slots = None if layout == "ring" else pos.clone()
+    qkv_bias = torch.randn((H + 2 * K) * dh, generator=g).to(dtype) if bias else None
+    return q, k, v, cos, sin, pos, k_cache, v_cache, slots, ring_pos, qkv_bias
+
+
+def _clone_state(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("B,H,K,dh", [(1, 8, 2, 64), (2, 8, 2, 16), (2, 4, 4, 64)])
+def test_native_rope_store_matches_reference(dtype, T, layout, bias, B, H, K, dh):
+    args = _rope_args(layout, B, T, H, K, dh, dtype, bias, seed=T * 7 + dh + B + bias)
+    assert args[0].untyped_storage().nbytes() > args[0].numel() * args[0].element_size()
+    ref_args, cpu_args = _clone_state(args), _clone_state(args)
+    ref_q = ops.rope_store.reference(*ref_args)
+    cpu_q = cpu_ops.rope_store(*cpu_args)
+    assert cpu_q.shape == (B, T, H, dh) and cpu_q.dtype == dtype and cpu_q.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(cpu_q, ref_q) < tol
+    written = (cpu_args[5] % cpu_args[6].shape[1]) if layout == "ring" else cpu_args[8]
+    untouched = torch.ones(cpu_args[6].shape[1], dtype=torch.bool)
+    untouched[written] = False
+    for i in (6, 7):                                                         # k_cache, v_cache
+        assert rel_err(cpu_args[i][:, written], ref_args[i][:, written]) < tol
+        assert torch.equal(cpu_args[i][:, untouched], args[i][:, untouched])
+    assert torch.equal(cpu_args[7][:, written], ref_args[7][:, written])    # v: one add at most
+    if layout == "ring":
+        assert torch.equal(cpu_args[9], ref_args[9])
+
+
+def test_native_rope_store_leaves_prefill_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_rope_store", lambda *a: calls.append(1))
+    args = _rope_args("full", 1, cpu_ops.SMALL_MAX_ROWS + 1, 8, 2, 16, torch.float32, True, seed=1)
+    ref_args, cpu_args = _clone_state(args), _clone_state(args)
+    assert torch.equal(cpu_ops.rope_store(*cpu_args), ops.rope_store.reference(*ref_args))
+    assert torch.equal(cpu_args[6], ref_args[6]) and calls == []
+
+
+def test_native_rope_store_rejects_positions_past_the_table():
+    args = list(_rope_args("full", 1, 1, 8, 2, 16, torch.float32, False, seed=2))
+    args[5] = args[5] + 1000
+    with pytest.raises(ValueError, match="rope_store"):
+        cpu_ops.rope_store(*args)
+
+
+def _norm_args(B, T, D, E, top_k, dtype, bias, seed):
+    """Arguments of ``ops.add_rmsnorm_route`` as the model passes them: x, delta [B, T, D] in the
+    activation dtype, the norm scale float32, the router and the attention's output bias in the
+    activation dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x, delta = (torch.randn(B, T, D, generator=g).to(dtype) for _ in range(2))
+    scale = 1 + 0.1 * torch.randn(D, generator=g)
+    router_w = (torch.randn(E, D, generator=g) * D ** -0.5).to(dtype)
+    router_b = (0.1 * torch.randn(E, generator=g)).to(dtype)
+    delta_bias = (0.1 * torch.randn(D, generator=g)).to(dtype) if bias else None
+    return x, delta, scale, 1e-5, router_w, router_b, top_k, delta_bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 3), (2, 3), (1, 16)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("D,E,top_k", [(2880, 32, 4), (96, 8, 2), (40, 32, 4)])
+def test_native_add_rmsnorm_route_matches_reference(dtype, B, T, bias, D, E, top_k):
+    args = _norm_args(B, T, D, E, top_k, dtype, bias, seed=B * 5 + T + D + E + bias)
+    ref_x, ref_h, (ref_w, ref_e) = ops.add_rmsnorm_route.reference(*args)
+    cpu_x, cpu_h, (cpu_w, cpu_e) = cpu_ops.add_rmsnorm_route(*args)
+    assert cpu_x.shape == cpu_h.shape == (B, T, D) and cpu_x.dtype == cpu_h.dtype == dtype
+    assert cpu_w.dtype == torch.float32 and cpu_e.dtype == torch.int64 and cpu_e.shape == (B * T, top_k)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.equal(cpu_x, ref_x)                                         # one add (two with the bias)
+    assert rel_err(cpu_h, ref_h) < tol
+    assert torch.equal(cpu_e, ref_e)                                         # the same experts, same order
+    assert rel_err(cpu_w, ref_w) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 3), (1, 16)])
+def test_native_add_rmsnorm_and_rmsnorm_match_reference(dtype, B, T):
+    x, delta, scale, eps = _norm_args(B, T, 2880, 8, 2, dtype, False, seed=B + T)[:4]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    ref_x, ref_h = ops.add_rmsnorm.reference(x, delta, scale, eps)
+    cpu_x, cpu_h = cpu_ops.add_rmsnorm(x, delta, scale, eps)
+    assert torch.equal(cpu_x, ref_x) and rel_err(cpu_h, ref_h) < tol and cpu_h.dtype == dtype
+    cpu_n = cpu_ops.rmsnorm(x, scale, eps)
+    assert cpu_n.shape == x.shape and rel_err(cpu_n, ops.rmsnorm.reference(x, scale, eps)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("E,top_k", [(8, 2), (32, 4), (256, 4)])
+def test_native_route_breaks_ties_as_torch_topk(dtype, E, top_k):
+    """Router rows built so that the logits tie exactly (copies of one weight row, zero bias):
+    the same experts as torch.topk on CPU, in its order. That order is not "lower index first"
+    (torch.topk uses std::nth_element or std::partial_sort, which are not stable): here it
+    gives the higher index first, so the library runs the same std algorithms."""
+    x, delta, scale, eps, router_w, _, _, _ = _norm_args(1, 3, 64, E, top_k, dtype, False, seed=E)
+    coef = torch.tensor([2.0, -2.0, 1.0])[torch.arange(E) % 3]   # powers of two: exact ties
+    router_w = (coef[:, None] * router_w[0].float()).to(dtype)                # [E, D], rows tie
+    router_b = torch.zeros(E, dtype=dtype)
+    ref = ops.add_rmsnorm_route.reference(x, delta, scale, eps, router_w, router_b, top_k)[2]
+    cpu = cpu_ops.add_rmsnorm_route(x, delta, scale, eps, router_w, router_b, top_k)[2]
+    assert torch.equal(cpu[1], ref[1]) and rel_err(cpu[0], ref[0]) < 1e-5
+    h = cpu_ops.add_rmsnorm(x, delta, scale, eps)[1].reshape(3, 64)
+    logits = ops.linear.reference(h, router_w, router_b)                      # [3, E]
+    for row in range(3):
+        chosen = logits[row][cpu[1][row]]
+        assert torch.equal(chosen, logits[row].topk(top_k).values)            # the top values, descending
+        assert (logits[row] == chosen[-1]).sum() > (chosen == chosen[-1]).sum()  # a tie was cut
+
+
+def test_native_norms_leave_prefill_and_fp16_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_add_rmsnorm", lambda *a: calls.append(1))
+    prefill = _norm_args(1, cpu_ops.SMALL_MAX_ROWS + 1, 64, 8, 2, torch.float32, True, seed=3)
+    half = tuple(t.half() if isinstance(t, torch.Tensor) and i != 2 else t
+                 for i, t in enumerate(_norm_args(1, 1, 64, 8, 2, torch.float32, True, seed=4)))
+    for args in (prefill, half):
+        ref, got = ops.add_rmsnorm_route.reference(*args), cpu_ops.add_rmsnorm_route(*args)
+        assert all(torch.equal(a, b) for a, b in zip((*ref[:2], *ref[2]), (*got[:2], *got[2])))
+    assert calls == []
+
+
+def test_ops_small_ops_dispatch_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.rope_store``, ``ops.rmsnorm``, ``ops.add_rmsnorm``, ``ops.add_rmsnorm_route`` on
+    CPU run the library; GPTOSS_KERNELS=0: the references, bit for bit."""
+    lib = cpu_ops._library()[0]
+    calls = []
+    for name in ("gptoss_rope_store", "gptoss_add_rmsnorm"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    rope = _rope_args("ring", 2, 1, 8, 2, 64, torch.bfloat16, True, seed=3)
+    norm = _norm_args(1, 1, 2880, 32, 4, torch.bfloat16, True, seed=3)
+
+    def run_all():
+        args = _clone_state(rope)
+        q = ops.rope_store(*args)
+        return [q, args[6], args[7], args[9], ops.rmsnorm(norm[0], norm[2], norm[3]),
+                *ops.add_rmsnorm(*norm[:4]), *ops.add_rmsnorm_route(*norm)[:2], *ops.add_rmsnorm_route(*norm)[2]]
+
+    def run_refs():
+        args = _clone_state(rope)
+        q = ops.rope_store.reference(*args)
+        return [q, args[6], args[7], args[9], ops.rmsnorm.reference(norm[0], norm[2], norm[3]),
+                *ops.add_rmsnorm.reference(*norm[:4]), *ops.add_rmsnorm_route.reference(*norm)[:2],
+                *ops.add_rmsnorm_route.reference(*norm)[2]]
+
+    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
+    native, refs = run_all(), run_refs()
+    assert calls == ["gptoss_rope_store"] + ["gptoss_add_rmsnorm"] * 4
+    assert all(rel_err(a, b) < 1e-2 for a, b in zip(native, refs) if a.is_floating_point())
+    assert torch.equal(native[-1], refs[-1])                                 # the same experts
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    assert all(torch.equal(a, b) for a, b in zip(run_all(), refs)) and len(calls) == 5
