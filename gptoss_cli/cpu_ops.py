@@ -69,7 +69,7 @@ from .errors import GptossError
 
 THREADS_ENV = "GPTOSS_THREADS"
 CACHE_ENV = "GPTOSS_CACHE"
-SOURCES = ("cpu_ops.cpp", "small_ops.cpp")   # compiled together into one library
+SOURCES = ("cpu_ops.cpp", "small_ops.cpp", "bf16.h")   # the .cpp compiled together into one library
 LINEAR_MAX_ROWS = 16
 ATTN_MAX_ROWS = 16        # query tokens per native attention call; prefill runs the reference
 SMALL_MAX_ROWS = 16       # tokens (rows) per native rope_store / norm call; prefill runs the reference
@@ -136,7 +136,8 @@ def _build(cxx: str, sources: dict[str, bytes]) -> Path:
             paths.append(Path(tmp) / name)
             paths[-1].write_bytes(text)
         tmp_lib = Path(tmp) / lib.name
-        done = subprocess.run([cxx, *FLAGS, *map(str, paths), "-o", str(tmp_lib)], capture_output=True, text=True)
+        units = [str(p) for p in paths if p.suffix == ".cpp"]
+        done = subprocess.run([cxx, *FLAGS, *units, "-o", str(tmp_lib)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp_lib, lib)
@@ -153,7 +154,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         sources = {name: (files("gptoss_cli") / "csrc" / name).read_bytes() for name in SOURCES}
         lib = ctypes.CDLL(str(_build(cxx, sources)))
     except (OSError, RuntimeError) as exc:
-        return None, f"building {' + '.join(SOURCES)} with {cxx} failed: {exc}"
+        return None, f"building {' + '.join(n for n in SOURCES if n.endswith('.cpp'))} with {cxx} failed: {exc}"
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32

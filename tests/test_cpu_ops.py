@@ -59,18 +59,6 @@ def test_native_moe_in_several_calls(monkeypatch):
     assert rel_err(cpu_ops.moe(*args), ops.moe.reference(*args)) < 1e-5
 
 
-def test_ops_moe_dispatches_cpu_tensors_to_native(monkeypatch):
-    """auto: ``ops.moe`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
-    args = _args(5, 8, 64, 64, 4, torch.float32)
-    calls = []
-    real = cpu_ops._library()[0].gptoss_moe
-    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_moe", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv(ops.KERNELS_ENV, "auto")
-    assert rel_err(ops.moe(*args), ops.moe.reference(*args)) < 1e-5 and calls == [1]
-    monkeypatch.setenv(ops.KERNELS_ENV, "0")
-    assert torch.equal(ops.moe(*args), ops.moe.reference(*args)) and calls == [1]
-
-
 def test_no_compiler_falls_back_to_the_reference_and_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv(cpu_ops.CACHE_ENV, str(tmp_path / "cache"))
@@ -239,16 +227,20 @@ def test_native_attention_leaves_prefill_and_fp16_to_the_reference(monkeypatch):
     assert calls == []
 
 
-def test_ops_attention_dispatches_cpu_tensors_to_native(monkeypatch):
-    """auto: ``ops.attention`` on CPU runs the native library; GPTOSS_KERNELS=0: the reference, bit for bit."""
-    args = _attn_args("ring", 2, 1, 8, 2, 64, 8, torch.float32, seed=3)
+@pytest.mark.parametrize("op", ["moe", "attention"])
+def test_ops_dispatch_cpu_tensors_to_native(monkeypatch, op):
+    """auto: ``ops.moe`` and ``ops.attention`` on CPU run the native library; GPTOSS_KERNELS=0:
+    the references, bit for bit."""
+    args = (_args(5, 8, 64, 64, 4, torch.float32) if op == "moe"
+            else _attn_args("ring", 2, 1, 8, 2, 64, 8, torch.float32, seed=3))
+    dispatched, symbol = getattr(ops, op), f"gptoss_{op}"
     calls = []
-    real = cpu_ops._library()[0].gptoss_attention
-    monkeypatch.setattr(cpu_ops._library()[0], "gptoss_attention", lambda *a: calls.append(1) or real(*a))
+    real = getattr(cpu_ops._library()[0], symbol)
+    monkeypatch.setattr(cpu_ops._library()[0], symbol, lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv(ops.KERNELS_ENV, "auto")
-    assert rel_err(ops.attention(*args), ops.attention.reference(*args)) < 1e-5 and calls == [1]
+    assert rel_err(dispatched(*args), dispatched.reference(*args)) < 1e-5 and calls == [1]
     monkeypatch.setenv(ops.KERNELS_ENV, "0")
-    assert torch.equal(ops.attention(*args), ops.attention.reference(*args)) and calls == [1]
+    assert torch.equal(dispatched(*args), dispatched.reference(*args)) and calls == [1]
 
 
 def test_worker_pool_serves_concurrent_callers_and_forked_children(monkeypatch):

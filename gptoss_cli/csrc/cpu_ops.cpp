@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #if defined(__AVX512BF16__)
@@ -101,13 +103,6 @@ inline __m512 load16(const uint16_t* p) {   // 16 bf16 -> float32 (exact: the to
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 #endif
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {
-    uint32_t bits = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
 
 // out[t][r] = dot(x[t], w[r]) over K (a multiple of 16), for T <= NT tokens and R <= NR rows;
 // w float32 (a decoded tile) or bf16 (a weight read in place), rows K apart.
@@ -342,11 +337,6 @@ inline float bf16_row_dot(const uint16_t* x, const uint16_t* w, int64_t K) {
 }
 #endif
 
-inline uint16_t to_bf16(float f) {   // round to nearest even
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 // out[t][r] for T tokens and R rows of a packed expert matrix: in registers for T <= 2 (from
 // the bf16 copies ``xb`` when given and the CPU has AVX512-BF16), else through a decoded tile

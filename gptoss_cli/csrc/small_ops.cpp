@@ -24,25 +24,15 @@
 #include <utility>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {
-    uint32_t bits = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
 
-inline uint16_t bf16_bits(float f) {   // round to nearest even
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 // f rounded to X (float: itself; bf16: to nearest even), as bits and as a float.
 inline void store(float* p, float f) { *p = f; }
-inline void store(uint16_t* p, float f) { *p = bf16_bits(f); }
+inline void store(uint16_t* p, float f) { *p = to_bf16(f); }
 template <class X> inline float round_to(float f) {
     X r;
     store(&r, f);
