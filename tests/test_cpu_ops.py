@@ -18,6 +18,7 @@ The small decode ops (rope_store, the norms, the router): B 1/2, T 1/3/16, ring 
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -450,3 +451,35 @@ def test_ops_small_ops_dispatch_cpu_tensors_to_native(monkeypatch):
     assert torch.equal(native[-1], refs[-1])                                 # the same experts
     monkeypatch.setenv(ops.KERNELS_ENV, "0")
     assert all(torch.equal(a, b) for a, b in zip(run_all(), refs)) and len(calls) == 5
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="elsewhere the native build is the portable one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_portable_build_without_avx512_matches_reference(monkeypatch, tmp_path, dtype):
+    """Most CPUs people own have no AVX-512: the library built for plain x86-64 (the portable
+    loops) gives the references' results too, for every op."""
+    monkeypatch.setattr(cpu_ops, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f
+                                                 for f in cpu_ops.FLAGS))
+    monkeypatch.setenv(cpu_ops.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "2")
+    cpu_ops._library.cache_clear()
+    try:
+        assert cpu_ops.status() == "cpu-native (scalar)" and not cpu_ops.bf16_native()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for N in (1, 3, 150):
+            args = _args(N, 8, 224, 160, 4, dtype)
+            assert rel_err(cpu_ops.moe(*args), ops.moe.reference(*args)) < tol
+        attn = _attn_args("ring", 2, 1, 8, 2, 64, 8, dtype, seed=4)
+        assert rel_err(cpu_ops.attention(*attn), ops.attention.reference(*attn)) < tol
+        rope = _rope_args("ring", 1, 3, 8, 2, 64, dtype, True, seed=5)
+        ref_args, cpu_args = _clone_state(rope), _clone_state(rope)
+        assert rel_err(cpu_ops.rope_store(*cpu_args), ops.rope_store.reference(*ref_args)) < tol
+        norm = _norm_args(1, 3, 96, 8, 2, dtype, True, seed=6)
+        ref_x, ref_h, (ref_w, ref_e) = ops.add_rmsnorm_route.reference(*norm)
+        cpu_x, cpu_h, (cpu_w, cpu_e) = cpu_ops.add_rmsnorm_route(*norm)
+        assert torch.equal(cpu_x, ref_x) and rel_err(cpu_h, ref_h) < tol and torch.equal(cpu_e, ref_e)
+        if dtype == torch.bfloat16:
+            x, w = torch.randn(1, 3, 96).bfloat16(), (torch.randn(40, 96) / 10).bfloat16()
+            assert rel_err(ops.linear(x, w), ops.linear.reference(x, w)) < 8e-3
+    finally:
+        cpu_ops._library.cache_clear()
