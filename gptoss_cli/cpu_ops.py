@@ -154,7 +154,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         sources = {name: (files("gptoss_cli") / "csrc" / name).read_bytes() for name in SOURCES}
         lib = ctypes.CDLL(str(_build(cxx, sources)))
     except (OSError, RuntimeError) as exc:
-        return None, f"building {' + '.join(n for n in SOURCES if n.endswith('.cpp'))} with {cxx} failed: {exc}"
+        return None, (f"building {' + '.join(n for n in SOURCES if n.endswith('.cpp'))} with {cxx} failed: {exc};"
+                      " set CXX to a working C++17 compiler")
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32
@@ -181,6 +182,15 @@ def status() -> str:
     """Which MoE runs on CPU tensors: ``cpu-native (avx512)`` or why the reference runs."""
     lib, why = _library()
     return why if lib is not None else f"pytorch-reference: {why}"
+
+
+def fallback_line() -> str | None:
+    """None when the library runs; else one line saying why the slow PyTorch reference runs and
+    what to do. The command line prints it once, at load (``loading.load_engine``)."""
+    lib, why = _library()
+    if lib is not None:
+        return None
+    return f"the native CPU library is not available ({why}): running the PyTorch reference, 30-100x slower"
 
 
 @functools.cache

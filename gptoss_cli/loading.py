@@ -30,10 +30,31 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
         engine.warmup()   # compile the kernels, capture the decode graph (GPU; nothing on CPU)
     if not quiet:
         info = engine.runtime_info()
-        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {info['ops']} · context {context:,}", style="dim"), soft_wrap=True)
+        ops = info["ops"].split(":")[0]          # why a fallback runs: the warning below says it
+        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {ops} · context {context:,}", style="dim"), soft_wrap=True)
+    if engine.device.type == "cpu" and (line := _cpu_fallback_line()):
+        err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
     if engine.config.random_weights:
         err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"), soft_wrap=True)
     return engine
+
+
+def _cpu_fallback_line() -> str | None:
+    """The native CPU library's fallback line, said here once; the runtime's own Python warning
+    (for library users) is then silenced, so the command line shows one line, not a source line."""
+    import warnings
+
+    import torch
+
+    from . import ops
+    from .cpu_ops import fallback_line
+
+    if not ops.use_cpu_native(torch.device("cpu")):
+        return None
+    line = fallback_line()
+    if line:
+        warnings.filterwarnings("ignore", message="CPU MoE: ", category=RuntimeWarning)
+    return line
 
 
 def offer_download(model: str, yes: bool, err: Console) -> Path:

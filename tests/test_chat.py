@@ -55,6 +55,19 @@ def test_prompt_from_stdin_prints_answer_and_stats(tiny_full, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_no_cpu_compiler_is_one_warning_line(tiny_full, tmp_path):
+    """Without a C++ compiler the chat still answers (the PyTorch reference) and says why in one
+    warning line with what to do; no Python warning with its source line."""
+    r = subprocess.run(GPTOSS + ["chat", "--model", str(tiny_full), "--device", "cpu", "--prompt", "hi",
+                                 "--max-tokens", "2", "--temperature", "0"], capture_output=True, text=True,
+                       env={**_env(tmp_path), "CXX": str(tmp_path / "no-such-g++"),
+                            "GPTOSS_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "native CPU library" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "set CXX" in lines[0], r.stderr
+    assert "RuntimeWarning" not in r.stderr and "pytorch-reference ·" in r.stderr
+
+
 def test_stdin_prompt_asks_what_the_option_asks(tiny_full, tmp_path):
     """`echo TEXT | gptoss chat --prompt -` is `--prompt TEXT`: stdin's trailing newline is not sent."""
     common = ["--model", str(tiny_full), "--json", "--max-tokens", "4", "--temperature", "0"]
