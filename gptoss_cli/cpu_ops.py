@@ -392,7 +392,8 @@ def add_rmsnorm_route(
     router_w: torch.Tensor, router_b: torch.Tensor, top_k: int, delta_bias: torch.Tensor | None = None,
 ):
     """``ops.add_rmsnorm_route`` on CPU tensors: the library for a few rows (router logits rounded
-    to x's dtype as F.linear does, top-k ties to the lower expert), else the reference."""
+    to x's dtype as F.linear does, the top-k chosen as torch.topk chooses, ties included), else
+    the reference."""
     from . import ops
 
     lib = None
