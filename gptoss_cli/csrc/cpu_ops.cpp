@@ -134,24 +134,18 @@ inline void micro(const float* const* x, const W* w, int64_t K, float out[NT][NR
 #endif
 }
 
-template <int T, class W>
-inline void micro_r(int R, const float* const* x, const W* w, int64_t K, float out[NT][NR]) {
-    switch (R) {
-        case 1: micro<T, 1>(x, w, K, out); break;
-        case 2: micro<T, 2>(x, w, K, out); break;
-        case 3: micro<T, 3>(x, w, K, out); break;
-        default: micro<T, 4>(x, w, K, out); break;
-    }
+// fn(std::integral_constant<int, N>{}) for the N = min(max(n, 1), Max) known at compile time:
+// the micro-kernels are instantiated per tile size so their accumulators stay in registers.
+template <int Max, int N = 1, class Fn>
+inline void up_to(int n, Fn fn) {
+    if constexpr (N == Max) fn(std::integral_constant<int, N>{});
+    else if (n <= N) fn(std::integral_constant<int, N>{});
+    else up_to<Max, N + 1>(n, fn);
 }
 
 template <class W>
 inline void dots(int T, int R, const float* const* x, const W* w, int64_t K, float out[NT][NR]) {
-    switch (T) {
-        case 1: micro_r<1>(R, x, w, K, out); break;
-        case 2: micro_r<2>(R, x, w, K, out); break;
-        case 3: micro_r<3>(R, x, w, K, out); break;
-        default: micro_r<4>(R, x, w, K, out); break;
-    }
+    up_to<NT>(T, [&](auto t) { up_to<NR>(R, [&](auto r) { micro<t(), r()>(x, w, K, out); }); });
 }
 
 #if defined(__AVX512F__)
@@ -281,16 +275,6 @@ inline void packed_dots_bf16(const uint16_t* const* x, const uint8_t* blocks, co
 }
 #endif
 
-template <class Fn>
-inline void by_rows(int R, Fn fn) {
-    switch (R) {
-        case 1: fn(std::integral_constant<int, 1>{}); break;
-        case 2: fn(std::integral_constant<int, 2>{}); break;
-        case 3: fn(std::integral_constant<int, 3>{}); break;
-        default: fn(std::integral_constant<int, 4>{}); break;
-    }
-}
-
 #if defined(__AVX512BF16__)
 // out[t][r] = dot(x[t], w[r]) over K (a multiple of 32), both bf16, read in place: one
 // vdpbf16ps per 32 products, no widening (the bf16 projections of a decode step).
@@ -346,7 +330,7 @@ inline void expert_dots(int T, int R, const float* const* x, const uint16_t* con
     const bool packed = T == 1 || (T == 2 && !tile_ready);
 #if defined(__AVX512BF16__)
     if (xb && packed)
-        return by_rows(R, [&](auto r) {
+        return up_to<NR>(R, [&](auto r) {
             if (T == 1) packed_dots_bf16<1, r()>(xb, blocks, scales, G, out);
             else packed_dots_bf16<2, r()>(xb, blocks, scales, G, out);
         });
@@ -354,7 +338,7 @@ inline void expert_dots(int T, int R, const float* const* x, const uint16_t* con
     (void)xb;
 #endif
     if (packed)
-        return by_rows(R, [&](auto r) {
+        return up_to<NR>(R, [&](auto r) {
             if (T == 1) packed_dots<1, r()>(x, blocks, scales, G, out);
             else packed_dots<2, r()>(x, blocks, scales, G, out);
         });
@@ -617,7 +601,7 @@ int gptoss_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
                 }
 #if defined(__AVX512BF16__)
                 if (native_bf16 && T <= 2)
-                    by_rows(R, [&](auto r) {
+                    up_to<NR>(R, [&](auto r) {
                         if (T == 1) bf16_dots<1, r()>(xbs, w + row * K, K, acc);
                         else bf16_dots<2, r()>(xbs, w + row * K, K, acc);
                     });
@@ -668,20 +652,6 @@ struct AttnScratch {
     std::vector<float> p;         // [G, S] scores, then probabilities
     std::vector<float> o;         // [G, dh] outputs
 };
-
-template <class Fn>
-inline void upto8(int n, Fn fn) {
-    switch (n) {
-        case 1: fn(std::integral_constant<int, 1>{}); break;
-        case 2: fn(std::integral_constant<int, 2>{}); break;
-        case 3: fn(std::integral_constant<int, 3>{}); break;
-        case 4: fn(std::integral_constant<int, 4>{}); break;
-        case 5: fn(std::integral_constant<int, 5>{}); break;
-        case 6: fn(std::integral_constant<int, 6>{}); break;
-        case 7: fn(std::integral_constant<int, 7>{}); break;
-        default: fn(std::integral_constant<int, 8>{}); break;
-    }
-}
 
 #if defined(__AVX512F__)
 // e^x for 16 lanes (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial,
@@ -804,14 +774,14 @@ void attend_item(const AttnCall& a, int64_t b, int64_t kh, int64_t t, AttnScratc
     if (vec) {
 #if defined(__AVX512F__)
         for (int64_t g0 = 0; g0 < G; g0 += 8)
-            upto8(int(std::min<int64_t>(8, G - g0)), [&](auto gb) {
+            up_to<8>(int(std::min<int64_t>(8, G - g0)), [&](auto gb) {
                 qk_rows<gb()>(w.q.data() + g0 * dh, dh, k, st[4], slots, n, p + g0 * S, S);
             });
         for (int64_t g = 0; g < G; ++g) softmax_row(p + g * S, n, a.sinks[kh * G + g]);
         for (int64_t g0 = 0; g0 < G; g0 += 4)
             for (int64_t c0 = 0; c0 < dh; c0 += 64)
-                by_rows(int(std::min<int64_t>(4, G - g0)), [&](auto gb) {
-                    by_rows(int(std::min<int64_t>(4, (dh - c0) / 16)), [&](auto cb) {
+                up_to<4>(int(std::min<int64_t>(4, G - g0)), [&](auto gb) {
+                    up_to<4>(int(std::min<int64_t>(4, (dh - c0) / 16)), [&](auto cb) {
                         pv_rows<gb(), cb()>(p + g0 * S, S, v + c0, st[7], slots, n, w.o.data() + g0 * dh + c0, dh);
                     });
                 });
