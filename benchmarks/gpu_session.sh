@@ -45,7 +45,7 @@ python3 -c "import regex" 2>/dev/null || pip install -q --no-index --no-deps .wh
 python3 -c "import tiktoken" 2>/dev/null || pip install -q --no-index --no-deps .whl/tiktoken-*.whl
 pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
   echo "editable install failed (see install.log): using PYTHONPATH"
-  mkdir -p /tmp/pp && ln -sfn "$PWD/kernels" /tmp/pp/gptoss_kernels && ln -sfn "$PWD/evals" /tmp/pp/gptoss_evals
+  mkdir -p /tmp/pp && ln -sfn "$PWD/kernels/gptoss_kernels" /tmp/pp/gptoss_kernels && ln -sfn "$PWD/evals" /tmp/pp/gptoss_evals
   export PYTHONPATH="$PWD:/tmp/pp"; }
 
 MEM_GB=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)" 2>/dev/null || echo 0)

@@ -48,12 +48,33 @@ def tiny_hf_single(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("tiny-hf1"), TINY, layout="hf", shards=1, seed=1)
 
 
+def _load_hf_gptoss(folder, dtype: torch.dtype):
+    """transformers' GptOssForCausalLM on a tiny checkpoint, its MXFP4 experts dequantised on load.
+
+    transformers 5 would fetch MXFP4 kernels from the hub (``kernels-community/...``) for an MXFP4
+    checkpoint; asking for dequantisation keeps it offline and on the CPU, as in 4.55+. The dtype
+    keyword was ``torch_dtype`` before 4.56.
+    """
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    quant = transformers.Mxfp4Config(dequantize=True)
+    model = transformers.GptOssForCausalLM.from_pretrained(str(folder), quantization_config=quant,
+                                                            **{dtype_kw: dtype})
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def hf_oracle(tiny_full):
     """transformers' GptOssForCausalLM on the tiny checkpoint, float32 (the test oracle)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    return transformers.GptOssForCausalLM.from_pretrained(str(tiny_full), dtype=torch.float32).eval()
+    return _load_hf_gptoss(tiny_full, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_oracle_bf16(tiny_full):
+    """The same in bfloat16: how far transformers' own bf16 strays from its fp32."""
+    return _load_hf_gptoss(tiny_full, torch.bfloat16)
 
 
 # ==== tokenizer and Harmony fixtures (tests/test_tokenizer.py, tests/test_harmony.py) ===========

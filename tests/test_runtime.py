@@ -29,11 +29,9 @@ def test_logits_match_transformers_fp32(layout, tiny_full, tiny_hf_single, oracl
     assert rel_err(eng.logits(PROMPT), oracle_logits) < 1e-4
 
 
-def test_logits_match_transformers_bf16(tiny_full, oracle_logits):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.GptOssForCausalLM.from_pretrained(str(tiny_full), dtype=torch.bfloat16).eval()
+def test_logits_match_transformers_bf16(tiny_full, hf_oracle_bf16, oracle_logits):
     with torch.no_grad():
-        ref_bf16 = hf(torch.tensor([PROMPT])).logits[0].float()
+        ref_bf16 = hf_oracle_bf16(torch.tensor([PROMPT])).logits[0].float()
     ours = Engine.load(tiny_full, device="cpu", dtype="bfloat16").logits(PROMPT)
     # bf16 against the fp32 truth: ours within a few percent, and no worse than transformers' bf16
     ours_err = ((ours - oracle_logits).norm() / oracle_logits.norm()).item()
