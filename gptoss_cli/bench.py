@@ -110,8 +110,9 @@ from pathlib import Path
 
 import torch
 
-from . import benchstats
+from . import benchstats, selfcheck
 from .config import PRESETS, ModelConfig, preset
+from .cpu_ops import cpu_name
 from .engine import PREFILL_CHUNK, DecodeStep, Engine, memory_stats, pick_device, pick_dtype
 from .errors import GptossError
 
@@ -259,7 +260,8 @@ def execute(opts: Options, progress: bool = False) -> dict:
     bar = benchstats.Progress(enabled=progress, total=len(_configs(opts)) * (opts.warmup + opts.repeat))
     with bar:
         bar.say("loading the model")
-        engine, name, path = _engine(opts)
+        with selfcheck.quiet():              # an op that failed its check: in "warnings" below
+            engine, name, path = _engine(opts)
         timing["load_s"] = time.perf_counter() - t_start
         t = time.perf_counter()
         bar.say("measuring memory bandwidth")
@@ -354,23 +356,15 @@ def _system(engine: Engine, opts: Options) -> tuple[dict, list[str]]:
     info["bench_path"] = BENCH_PATH
     info["python"] = platform.python_version()
     info["cpu_threads"] = torch.get_num_threads()
-    info["cpu_name"] = _cpu_name()
+    info["cpu_name"] = cpu_name()
+    for op, why in info["fallbacks"].items():
+        warnings.append(selfcheck.fallback_line(op, why).removeprefix(selfcheck.WARNING_PREFIX))
     if engine.config.random_weights:
         warnings.append("random weights: the speed is real, the tokens are noise")
     if opts.warmup == 0:
         warnings.append("--warmup 0: the first run of each configuration includes one-time costs "
                         "(compilation, autotuning, allocation)")
     return info, warnings
-
-
-def _cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or None
 
 
 # ---- measuring ------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ LINEAR_MAX_ROWS = 16
 ATTN_MAX_ROWS = 16        # query tokens per native attention call; prefill runs the reference
 SMALL_MAX_ROWS = 16       # tokens (rows) per native rope_store / norm call; prefill runs the reference
 MOE_MAX_TOKENS = 256      # tokens per library call: Ctrl-C is seen between calls (~1 s at 20b)
+# the most rows each op runs natively (more: its reference runs; the MoE takes any number)
+MAX_ROWS = {"linear": LINEAR_MAX_ROWS, "attention": ATTN_MAX_ROWS, "rope_store": SMALL_MAX_ROWS,
+            "rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm_route": SMALL_MAX_ROWS}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -101,8 +104,9 @@ def apply_thread_count() -> int:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "gptoss")
-    return Path(base) / "cpu_ops"
+    from .resolve import cache_dir
+
+    return cache_dir() / "cpu_ops"
 
 
 def _cpu_flags() -> str:
@@ -113,6 +117,20 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return os.uname().machine if hasattr(os, "uname") else sys.platform
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _compiler() -> str | None:

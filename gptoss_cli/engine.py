@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import ops
+from . import ops, selfcheck
 from .cache import RingSnapshot
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -184,7 +184,8 @@ class DecodeStep:
 class Engine:
     """One gpt-oss model, its KV cache, and the tokens that cache holds."""
 
-    def __init__(self, model: Transformer, folder: Path | None = None, cuda_graph: bool = True):
+    def __init__(self, model: Transformer, folder: Path | None = None, cuda_graph: bool = True,
+                 check: bool = True):
         self.model = model
         self.config: ModelConfig = model.cfg
         self.folder = folder
@@ -200,18 +201,25 @@ class Engine:
             from .cpu_ops import apply_thread_count
 
             apply_thread_count()
-        # static decode step: CUDA with the kernels (the reference MoE syncs with the host)
+        # the fast ops checked against their references on this machine (cached on disk); one
+        # that fails runs its reference from now on (selfcheck.py)
+        self.fallbacks = selfcheck.check_engine(model) if check else {}
+        # static decode step: CUDA with the kernels (the reference MoE syncs with the host, so an
+        # op fallen back to its reference is not captured in a graph)
         static = self.device.type == "cuda" and ops.use_kernels(self.device)
-        self._decoder = DecodeStep(model, self.cache, graph=cuda_graph) if static else None
+        graph = cuda_graph and not ops.fallbacks(self.device)
+        self._decoder = DecodeStep(model, self.cache, graph=graph) if static else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path, device: str = "auto", dtype: str | torch.dtype = "auto",
-             max_context: int = 8192, cuda_graph: bool = True) -> "Engine":
+             max_context: int = 8192, cuda_graph: bool = True, check: bool = True) -> "Engine":
         """Load a checkpoint folder, a hub id in the local HF cache, or a named local model.
 
         ``cuda_graph``: on CUDA with the Triton kernels, replay the decode step from a CUDA graph
-        (False: run the same step eagerly); ignored elsewhere."""
+        (False: run the same step eagerly); ignored elsewhere. ``check``: check the fast ops
+        against their references first (``selfcheck.check_engine``; ``GPTOSS_CHECK=0`` also
+        skips it)."""
         from .resolve import resolve_model
 
         dev = pick_device(device)
@@ -219,11 +227,11 @@ class Engine:
         ckpt = Checkpoint.open(resolve_model(model))
         ctx = _check_context(max_context, ckpt.config)
         tensors = ckpt.load(dev, dt)
-        return cls(Transformer(ckpt.config, tensors, ctx), folder=ckpt.folder, cuda_graph=cuda_graph)
+        return cls(Transformer(ckpt.config, tensors, ctx), folder=ckpt.folder, cuda_graph=cuda_graph, check=check)
 
     @classmethod
     def random(cls, cfg: ModelConfig, device: str = "auto", dtype: str | torch.dtype = "auto",
-               max_context: int = 8192, seed: int = 0, cuda_graph: bool = True) -> "Engine":
+               max_context: int = 8192, seed: int = 0, cuda_graph: bool = True, check: bool = True) -> "Engine":
         """Random MXFP4 weights in ``cfg``'s shapes, drawn straight on the device (benchmarks)."""
         from .synthetic import random_tensors
 
@@ -231,7 +239,7 @@ class Engine:
         dt = pick_dtype(dtype, dev)
         cfg = cfg.replace(random_weights=True)
         tensors = random_tensors(cfg, device=dev, dtype=dt, seed=seed)
-        return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)), cuda_graph=cuda_graph)
+        return cls(Transformer(cfg, tensors, _check_context(max_context, cfg)), cuda_graph=cuda_graph, check=check)
 
     def warmup(self) -> None:
         """Compile the kernels and capture the decode step's CUDA graph now, so that the first
@@ -259,16 +267,18 @@ class Engine:
     def runtime_info(self) -> dict:
         """What runs: device, dtype, the op implementations (``ops``: triton, pytorch-reference, or
         on CPU ``cpu_ops.status()``, e.g. cpu-native (avx512); ``kernels``: the Triton kernels'
-        names), CUDA graph on/off, versions."""
-        import platform
+        names; ``fallbacks``: the ops that failed their check and run their reference, with why),
+        CUDA graph on/off, versions."""
+        from .cpu_ops import cpu_name
 
         kernels = ops.kernel_names(self.device)
         info = {
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name(),
             "dtype": str(self.dtype).removeprefix("torch."),
             "ops": "triton" if kernels else _cpu_ops_status(self.device),
             "kernels": kernels,
+            "fallbacks": ops.fallbacks(self.device),
             "cuda_graph": self._decoder is not None and self._decoder.use_graph,
             "torch": torch.__version__,
             "random_weights": self.config.random_weights,

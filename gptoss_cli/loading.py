@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from . import selfcheck
 from .errors import ModelNotFoundError
 
 
@@ -25,14 +26,20 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
             raise
         folder = offer_download(model, yes, err)
     with err.status(f"Loading {escape(model)} from {escape(str(folder))}…", spinner="dots"):
-        engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
+        with selfcheck.quiet():                  # an op that failed its check: said below, once
+            engine = Engine.load(folder, device=device, dtype=dtype, max_context=context)
         engine.tokenizer  # build the tokenizer now, not at the first prompt
         engine.warmup()   # compile the kernels, capture the decode graph (GPU; nothing on CPU)
     if not quiet:
         info = engine.runtime_info()
         ops = info["ops"].split(":")[0]          # why a fallback runs: the warning below says it
+        if info["fallbacks"]:
+            ops += f" (reference: {', '.join(info['fallbacks'])})"
         err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {ops} · context {context:,}", style="dim"), soft_wrap=True)
     if engine.device.type == "cpu" and (line := _cpu_fallback_line()):
+        err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
+    for name, why in engine.fallbacks.items():
+        line = selfcheck.fallback_line(name, why).removeprefix(selfcheck.WARNING_PREFIX)
         err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
     if engine.config.random_weights:
         err.print(Text("warning: this model has random weights (gptoss download tiny-random): its output is noise", style="yellow"), soft_wrap=True)

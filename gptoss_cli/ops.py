@@ -15,8 +15,11 @@ On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implement
 ``rmsnorm``, ``add_rmsnorm`` and ``add_rmsnorm_route``: ``cpu_ops``, a small C++ library built at
 first use; where it cannot be built the MoE warns once and all of them run the reference).
 
-There is no fallback: once the kernel is chosen, its errors propagate. ``op.reference`` is the
-plain-PyTorch body of every dispatched op (the kernels' ``*_torch`` references point at it).
+``op.reference`` is the plain-PyTorch body of every dispatched op (the kernels' ``*_torch``
+references point at it); ``fast_impl`` gives the kernel or native function that would run instead.
+An op whose fast implementation failed its check on this machine (``selfcheck``: the engine's
+load check, ``gptoss doctor``) is switched to its reference for the rest of the process with
+``fall_back``; otherwise the chosen implementation's errors propagate.
 Norms, softmax, RoPE and sinks are computed in float32 whatever the activation dtype.
 
 Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh, ``n_experts`` E,
@@ -25,6 +28,7 @@ Shapes: ``n_tokens`` T, batch B, ``n_heads`` H, ``n_kv_heads`` K, ``d_head`` dh,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -59,6 +63,9 @@ def use_kernels(device: torch.device) -> bool:
 
 # op name -> (gptoss_kernels module, Triton kernel names), for runtime_info and benchmarks
 KERNEL_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {}
+CPU_NATIVE: dict[str, str] = {}          # op name -> gptoss_cli module of its native CPU version
+OPS: dict[str, object] = {}              # op name -> the dispatched op (every one with a fast path)
+_FELL_BACK: dict[tuple[str, str], str] = {}   # (op name, device type) -> why it runs its reference
 
 
 def use_cpu_native(device: torch.device) -> bool:
@@ -66,15 +73,59 @@ def use_cpu_native(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get(KERNELS_ENV, "auto") == "auto"
 
 
+def fall_back(name: str, device: torch.device, why: str) -> None:
+    """Run op ``name`` as its reference on ``device``'s type for the rest of the process."""
+    _FELL_BACK[(name, torch.device(device).type)] = why
+
+
+def fallbacks(device: torch.device) -> dict[str, str]:
+    """The ops switched to their reference on ``device``'s type: name -> why."""
+    kind = torch.device(device).type
+    return {name: why for (name, k), why in _FELL_BACK.items() if k == kind}
+
+
+def clear_fallbacks() -> None:
+    _FELL_BACK.clear()
+
+
+@contextlib.contextmanager
+def references_only(device: torch.device):
+    """Every op runs its reference on ``device``'s type inside the block (``gptoss doctor``'s
+    reference decode step); the fallbacks in force before it are kept."""
+    saved = dict(_FELL_BACK)
+    for name in OPS:
+        _FELL_BACK.setdefault((name, torch.device(device).type), "the reference run")
+    try:
+        yield
+    finally:
+        _FELL_BACK.clear()
+        _FELL_BACK.update(saved)
+
+
+def fast_impl(name: str, device: torch.device):
+    """The function that runs instead of op ``name``'s reference on ``device`` (a Triton kernel, or
+    the native CPU library's version), whatever ``fall_back`` said; None where the reference runs
+    anyway (no kernel for it, ``GPTOSS_KERNELS=0``, or the native library could not be built)."""
+    device = torch.device(device)
+    if name in KERNEL_TABLE and use_kernels(device):
+        return getattr(importlib.import_module(f"gptoss_kernels.{KERNEL_TABLE[name][0]}"), name)
+    if name in CPU_NATIVE and use_cpu_native(device):
+        module = importlib.import_module(f"gptoss_cli.{CPU_NATIVE[name]}")
+        if module._library()[0] is not None:
+            return getattr(module, name)
+    return None
+
+
 def _lazy(module: str, name: str):
-    """``module.name``, imported at its first call (Triton and the native library load only when
-    an op first runs on their device)."""
+    """``module.name``, its module imported at the first call (Triton and the native library load
+    only when an op first runs on their device). The name is looked up at every call, so the
+    function that runs is always the module's current one (what ``fast_impl`` returns)."""
     found = []
 
     def call(*args, **kwargs):
         if not found:
-            found.append(getattr(importlib.import_module(module), name))
-        return found[0](*args, **kwargs)
+            found.append(importlib.import_module(module))
+        return getattr(found[0], name)(*args, **kwargs)
 
     return call
 
@@ -88,11 +139,14 @@ def _cpu_op(module: str):
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
-            if use_cpu_native(args[0].device):
+            device = args[0].device
+            if use_cpu_native(device) and not (_FELL_BACK and (ref.__name__, device.type) in _FELL_BACK):
                 return native(*args, **kwargs)
             return ref(*args, **kwargs)
 
         op.reference = ref
+        CPU_NATIVE[ref.__name__] = module
+        OPS[ref.__name__] = op
         return op
 
     return deco
@@ -108,22 +162,28 @@ def _kernel_op(module: str, kernels: tuple[str, ...], cpu: str | None = None):
 
         @functools.wraps(ref)
         def op(*args, **kwargs):
-            if use_kernels(args[0].device):
+            device = args[0].device
+            if _FELL_BACK and (ref.__name__, device.type) in _FELL_BACK:
+                return ref(*args, **kwargs)
+            if use_kernels(device):
                 return impl(*args, **kwargs)
             return other(*args, **kwargs)
 
         op.reference = ref
         KERNEL_TABLE[ref.__name__] = (module, kernels)
+        OPS[ref.__name__] = op
         return op
 
     return deco
 
 
 def kernel_names(device: torch.device) -> list[str]:
-    """The Triton kernels the ops run on ``device`` ([] on the reference path)."""
+    """The Triton kernels the ops run on ``device`` ([] on the reference path; an op switched to
+    its reference by ``fall_back`` takes its kernels off the list unless another op runs them)."""
     if not use_kernels(device):
         return []
-    return sorted({k for _, names in KERNEL_TABLE.values() for k in names})
+    gone = fallbacks(device)
+    return sorted({k for name, (_, names) in KERNEL_TABLE.items() if name not in gone for k in names})
 
 
 # FP4 E2M1 code -> value (OCP Microscaling spec, table 5); the high bit is the sign.

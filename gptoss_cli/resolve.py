@@ -25,6 +25,15 @@ def data_dir() -> Path:
     return Path(base).expanduser() / "gptoss"
 
 
+def cache_dir() -> Path:
+    """gptoss's cache folder (what can be rebuilt: the native CPU library, kernel check results):
+    ``$GPTOSS_CACHE``, else ``$XDG_CACHE_HOME/gptoss``, else ``~/.cache/gptoss``."""
+    if os.environ.get("GPTOSS_CACHE"):
+        return Path(os.environ["GPTOSS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "gptoss"
+
+
 def local_models_dir() -> Path:
     return data_dir() / "models"
 
