@@ -6,7 +6,8 @@
 #   device call:  run(carry=[".whl"], timeout_s=600, command="bash benchmarks/gpu_session.sh")
 #
 # In order, each step under its own time limit, later steps skipped when the clock runs short:
-# versions; the offline install over the image's torch/triton; the kernel and CUDA engine tests;
+# versions; the offline install over the image's torch/triton; gptoss doctor (every fast op and
+# the decode step against the PyTorch reference, 20b shapes); the kernel and CUDA engine tests;
 # gpt-oss-20b decode/prefill with random weights drawn on the device (CUDA graph, eager, the
 # PyTorch reference), at 2k, 8k and 32k of context; a per-kernel profile of one decode step;
 # 120b when the GPU holds it. Logs and one JSON per benchmark go under $OUT; a table ends the
@@ -31,7 +32,7 @@ step() {   # step NAME LIMIT_S COMMAND...: run it if the time allows, log under 
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/$name.log" | grep -q '^{' && tail -n 1 "$OUT/$name.log" > "$OUT/$name.json"
-  SUMMARY+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(grep -E 'passed|failed|decode  |prefill  ' "$OUT/$name.log" | tail -n 2 | tr '\n' ' ' | cut -c1-150)")")
+  SUMMARY+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(grep -E 'passed|failed|decode  |prefill  | OK, [0-9]+ FAIL' "$OUT/$name.log" | tail -n 2 | tr '\n' ' ' | cut -c1-150)")")
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -51,6 +52,9 @@ pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.lo
 MEM_GB=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)" 2>/dev/null || echo 0)
 B=benchmarks/decode_20b.py
 # most important first: a step that would not fit in the time left is skipped, not cut short
+# every fast op against its reference at 20b's shapes and the edges, the whole decode step (graph,
+# eager, reference): the first run of our kernels on this GPU says here whether they are right
+step doctor_20b          150 python3 -m gptoss_cli doctor --random-weights gpt-oss-20b
 step tests_kernels       200 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels_moe.py \
                          tests/test_kernels_attention.py tests/test_kernels_rope.py tests/test_kernels_norm.py \
                          tests/test_kernels_launches.py tests/test_kernels_engine.py

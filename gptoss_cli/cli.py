@@ -123,6 +123,14 @@ def _device(value: str) -> str:
     return value
 
 
+def _no_check(value: bool) -> bool:
+    """--no-check: no check of the fast ops at load (``selfcheck``), for this process."""
+    if value:
+        os.environ["GPTOSS_CHECK"] = "0"
+    return value
+
+
+NO_CHECK_HELP = "Skip the check of the fast ops against their references at load (gptoss doctor runs it in full)."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 SERVED_MODEL_HELP = "The model's name on --endpoint (default: the one model it serves)."
 ENDPOINT_HELP = ("Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, "
@@ -164,6 +172,7 @@ def chat(
     json_out: bool = typer.Option(False, "--json", help="With --prompt: print one JSON object."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
+    no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
@@ -191,6 +200,7 @@ def bench(
     max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
+    no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server from the client side instead."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
@@ -224,6 +234,7 @@ def serve(
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
+    no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/responses)."""
@@ -252,6 +263,7 @@ def eval_(
     ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Perplexity: tokens between window starts (default 256)."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
+    no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     list_: bool = typer.Option(False, "--list", help="List the suites and exit."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),
@@ -266,6 +278,29 @@ def eval_(
             context=context, device=device, dtype=dtype.value, max_perplexity=max_perplexity,
             ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes, endpoint=endpoint,
             api_key=api_key, served_model=served_model)
+
+
+class Report(str, enum.Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+@_guard
+def doctor(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: random weights (see --random-weights)."),
+    random_weights: Optional[str] = typer.Option(None, "--random-weights", help="Random MXFP4 weights in a preset's shapes (gpt-oss-20b, gpt-oss-120b, small, tiny); gpt-oss-20b's when no --model."),
+    device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
+    dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
+    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    fmt: Report = typer.Option(Report.table, "--format", help="Output format."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Decode steps of the whole-step check (default 64; 16 on a CPU at gpt-oss's width)."),
+):
+    """Check every fast op (Triton kernels, the native CPU library) against its PyTorch reference here."""
+    from . import doctor as mod
+
+    mod.run(model=model, random_weights=random_weights, device=device, dtype=dtype.value, context=context,
+            fmt=fmt.value, steps=steps)
 
 
 if __name__ == "__main__":
