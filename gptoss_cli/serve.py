@@ -287,7 +287,8 @@ class Server:
         info = self.info
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptoss",
                 "max_model_len": self.engine.max_context, "random_weights": bool(info["random_weights"]),
-                "device": info["device"], "dtype": info["dtype"], "ops": info["ops"]}
+                "device": info["device"], "dtype": info["dtype"], "ops": info["ops"],
+                "fallbacks": sorted(info["fallbacks"])}      # ops running their reference on this machine
 
     async def models(self, request):
         from starlette.responses import JSONResponse
