@@ -203,7 +203,8 @@ class Engine:
             apply_thread_count()
         # the fast ops checked against their references on this machine (cached on disk); one
         # that fails runs its reference from now on (selfcheck.py)
-        self.fallbacks = selfcheck.check_engine(model) if check else {}
+        if check:
+            selfcheck.check_engine(model)
         # static decode step: CUDA with the kernels (the reference MoE syncs with the host, so an
         # op fallen back to its reference is not captured in a graph)
         static = self.device.type == "cuda" and ops.use_kernels(self.device)
@@ -254,6 +255,12 @@ class Engine:
             pass
         self._reset()
         self.last_stats = GenerationStats()
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """The ops that run their reference on this engine's device (they failed their check on
+        this machine, in this process): name -> why."""
+        return ops.fallbacks(self.device)
 
     @property
     def tokenizer(self):
