@@ -159,7 +159,8 @@ def _greedy(engine: Engine, prompt: list[int], steps: int, forced: list[int] | N
 def decode_step_checks(engine: Engine, steps: int | None = None) -> list[selfcheck.Result]:
     """The fast decode step against the reference one (and on CUDA the graph against eager)."""
     model, cut = _step_model(engine)
-    steps = steps or (16 if cut else 64)
+    slow = engine.device.type == "cpu" and _reference_is_slow(model.cfg)
+    steps = steps or (16 if slow else 64)
     W = model.cfg.sliding_window
     n_prompt = min(W + 22, engine.max_context - steps - 1)     # crosses the window: the ring wraps
     g = torch.Generator().manual_seed(0)
