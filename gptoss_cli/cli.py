@@ -22,6 +22,13 @@ from .errors import GptossError
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 
+# PyTorch's OpenMP threads (libgomp) spin 300,000 rounds before they sleep when they wait for each
+# other; beside a busy process the spinning thread takes the core the other one needs, and the
+# default threads ran 4-26x slower than one thread (issue 26). Sleeping at once made them as fast
+# as one thread or faster, with and without a busy neighbour (PERF.md). libgomp reads this once,
+# when torch loads it: set here, before any subcommand imports torch; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(
     name="gptoss",
     help="Chat with, benchmark, download and evaluate OpenAI's gpt-oss models.",
