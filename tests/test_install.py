@@ -66,7 +66,24 @@ def _link(dists: dict[str, metadata.Distribution], site: Path) -> list[Path]:
     return made
 
 
-@pytest.mark.slow  # a wheel build, writing tiny-random (~7 s) and a chat in a new interpreter
+def quick_start() -> list[str]:
+    """The commands of README's Quick start (its first bash block), one per line and per ``&&``."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    return [cmd.strip() for line in lines if line for cmd in line.split("&&")]
+
+
+def test_quick_start_installs_the_cpu_torch_first():
+    """Pasted line by line on a CPU-only machine, the first install is PyTorch's CPU build: `pip
+    install .` first would pull the CUDA build (gigabytes)."""
+    cmds = quick_start()
+    pips = [c for c in cmds if c.startswith("pip install")]
+    assert pips[0].startswith("pip install torch") and "download.pytorch.org/whl/cpu" in pips[0], pips
+    assert pips.index("pip install .") > 0
+
+
+@pytest.mark.slow  # a wheel build, writing tiny-random (~7 s), two chats in new interpreters
 def test_fresh_venv_quick_start(tmp_path):
     venv, src = tmp_path / "venv", tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)                # the build writes build/ into its source
@@ -87,13 +104,20 @@ def test_fresh_venv_quick_start(tmp_path):
              env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     declared = [q for q in json.loads(r.stdout) if "extra ==" not in q]
-    _link(_closure(declared), site)
+    closure = _closure(declared)
+    assert "triton" not in closure            # the CPU path installs without Triton's 286 MB
+    _link(closure, site)
 
-    gptoss = venv / ("Scripts/gptoss.exe" if os.name == "nt" else "bin/gptoss")
-    env |= {"GPTOSS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PATH": f"{gptoss.parent}{os.pathsep}{env['PATH']}"}
-    r = _run(["gptoss", "download", "tiny-random"], env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "RANDOM weights" in r.stdout and "Warning" not in r.stderr, r.stderr
+    # README's Quick start, its gptoss commands as written (the chat reads one message from stdin)
+    env |= {"GPTOSS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+            "PATH": f"{python.parent}{os.pathsep}{env['PATH']}"}
+    commands = [c for c in quick_start() if c.startswith("gptoss ")]
+    assert commands[0] == "gptoss download tiny-random" and commands[1].startswith("gptoss chat")
+    for cmd in commands:
+        r = _run(cmd.split(), env=env, cwd=tmp_path, input="hi\n")
+        assert r.returncode == 0, f"{cmd}: {r.stderr}"
+        assert "Warning" not in r.stderr and "Traceback" not in r.stderr, f"{cmd}: {r.stderr}"
+    # and a one-shot chat
     r = _run(["gptoss", "chat", "--model", "tiny-random", "--prompt", "hi", "--max-tokens", "8", "--seed", "1"],
              env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
