@@ -192,7 +192,8 @@ def bench(
     context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated numbers of tokens already in the cache before the prompt."),
     repeat: int = typer.Option(3, "--repeat", help="Measured runs per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs per configuration."),
-    fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+    fmt: Format = typer.Option(Format.table, "--format", help="Output format (table: the essentials in 80 columns; json, csv, md: every figure)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="The table with every figure (latency percentiles, memory, GB/s)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file (JSON unless --format is csv or md)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result; exit 3 if a figure regressed."),
     max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
@@ -217,7 +218,7 @@ def bench(
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,
             batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt.value,
             output=output, baseline=baseline, max_regression=max_regression, device=device,
-            dtype=dtype.value, graph=graph)
+            dtype=dtype.value, graph=graph, verbose=verbose)
 
 
 @app.command()
