@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .config import MAX_TEMPERATURE
 from .engine import Engine, memory_stats
 from .errors import ContextFullError, GptossError, why_not_written
 from .harmony import (
@@ -46,8 +47,8 @@ class Settings:
         try:
             if key == "temperature":
                 v = _number(value, float)
-                if not 0 <= v <= 10:
-                    raise ValueError("between 0 and 10")
+                if not 0 <= v <= MAX_TEMPERATURE:
+                    raise ValueError(f"between 0 and {MAX_TEMPERATURE:g}")
             elif key == "top_p":
                 v = _number(value, float)
                 if not 0 < v <= 1:

@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .config import MAX_TEMPERATURE
 from .errors import ContextFullError, GptossError, why_not_written
 from .graders import Reply, grade
 from .harmony import EFFORTS, Malformed
@@ -393,8 +394,8 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
                              ("--ppl-window", ppl_window, 2), ("--ppl-stride", ppl_stride, 1)):
         if value is not None and value < low:
             raise GptossError(f"{name} must be at least {low}")
-    if not 0 <= temperature <= 10:
-        raise GptossError("--temperature must be between 0 and 10")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise GptossError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}")
     loaded = [load_suite(arg, seed) for arg in suites]
     names = [s.name for s in loaded]
     if len(set(names)) != len(names):

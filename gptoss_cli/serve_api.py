@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from .config import MAX_TEMPERATURE
 from .harmony import EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, StreamParser, TextDelta
 
 MAX_STOPS = 4
@@ -230,7 +231,7 @@ def chat_request(body: dict) -> GenRequest:
     return GenRequest(
         conversation(history, instructions, effort_field(body.get("reasoning_effort"), "reasoning_effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, 2),
+        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
         top_p=number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=int_field(body, "seed"),
         stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
         include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"))
