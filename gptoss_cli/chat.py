@@ -64,6 +64,7 @@ PROMPT_JSON_SCHEMA = {
             "type": "object", "required": ["recipient", "arguments"],
             "properties": {"recipient": {"type": "string"}, "arguments": {"type": "string"},
                            "content_type": {"type": ["string", "null"]}}}},
+        "other": {"type": "string"},
         "raw": {"type": "string"},
         "stop_reason": {"enum": ["stop", "length", "context", "interrupted"]},
         "random_weights": {"type": "boolean"},
@@ -128,6 +129,9 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
     finally:
         view.close()
     err.print(Text(stats_line(turn.stats, session.engine.device.type), style="dim"), soft_wrap=True)
+    if turn.stop_reason == "context":
+        err.print(Text(f"the reply stopped because it filled the context ({session.context_limit:,} tokens): "
+                       "a larger --context (-c) gives it room", style="yellow"), soft_wrap=True)
     if turn.interrupted:
         raise KeyboardInterrupt
 
@@ -140,6 +144,7 @@ def turn_json(turn: Turn, model: str, prompt: str, session: ChatSession) -> dict
         "reasoning": turn.reasoning,
         "answer": turn.answer,
         "tool_calls": turn.tool_calls,
+        "other": turn.other,
         "raw": turn.raw,
         "stop_reason": turn.stop_reason or "length",
         "random_weights": session.engine.config.random_weights,
@@ -242,7 +247,8 @@ class Repl:
         if turn.interrupted:
             self.console.print(Text("[interrupted — the partial answer is kept]", style="yellow"))
         if turn.stop_reason == "context":
-            self.console.print(Text("the context is full: /trim drops the oldest turns, /reset starts over", style="yellow"))
+            self.console.print(Text(f"the reply stopped because it filled the context ({self.session.context_limit:,} tokens): "
+                                    "/trim drops the oldest turns, /reset starts over", style="yellow"))
         self.console.print(Text(stats_line(turn.stats, self.session.engine.device.type), style="dim"))
 
     # ---- slash commands ----------------------------------------------------------------------

@@ -216,7 +216,8 @@ def stats_line(stats: dict, device_type: str = "cpu") -> str:
     return (
         f"ttft {stats['time_to_first_token_s']:.2f}s · prefill {rate(stats['prefill_tok_s'])}"
         f" ({stats['prefill_tokens']} new, {stats['reused_tokens']} cached) · decode {rate(stats['decode_tok_s'])}"
-        f" · reasoning {stats['reasoning_tokens']} · answer {stats['answer_tokens']} tokens"
+        f" · reasoning {stats['reasoning_tokens']:,} · answer {stats['answer_tokens']:,}"
+        + (f" · other {stats['other_tokens']:,}" if stats.get("other_tokens") else "") + " tokens"
         f" · context {stats['context_used']:,}/{stats['context_limit']:,}"
         f" · peak {mem} {human_bytes(stats['peak_memory_bytes'])}"
     )
