@@ -78,9 +78,8 @@ def test_every_builtin_suite_runs(full_run):
         assert name in result.stdout
 
 
-def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch):
-    args, out, _ = full_run
-    partial_path = tmp_path / "partial.json"
+def _ctrl_c_at_the_second_sample(monkeypatch):
+    """The user's Ctrl-C, as the second sample starts."""
     real, calls = evals.run_sample, []
 
     def interrupt_second(*a, **kw):
@@ -90,6 +89,12 @@ def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch)
         return real(*a, **kw)
 
     monkeypatch.setattr(evals, "run_sample", interrupt_second)
+
+
+def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch):
+    args, out, _ = full_run
+    partial_path = tmp_path / "partial.json"
+    _ctrl_c_at_the_second_sample(monkeypatch)
     result = invoke(*args, "--output", partial_path)
     assert result.exit_code == 130
     assert f"1 of 11 samples are saved in {partial_path}; run the same command again to resume" in result.output
@@ -103,15 +108,7 @@ def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch)
 def test_interrupted_run_without_output_says_nothing_was_saved(full_run, tmp_path, monkeypatch):
     """Without --output there is no file to resume from: the message must not promise one."""
     args, _, _ = full_run
-    real, calls = evals.run_sample, []
-
-    def interrupt_second(*a, **kw):
-        calls.append(a[2].id)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(evals, "run_sample", interrupt_second)
+    _ctrl_c_at_the_second_sample(monkeypatch)
     monkeypatch.chdir(tmp_path)
     result = invoke(*args)
     assert result.exit_code == 130
