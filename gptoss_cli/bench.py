@@ -229,7 +229,7 @@ def make_options(model, random_weights, prompt_lens, gen_tokens, batch, context_
 # ---- the command ----------------------------------------------------------------------------
 def run(model=None, random_weights=None, prompt_lens="128,2048", gen_tokens=128, batch="1",
         context_depth="0", repeat=3, warmup=1, fmt="table", output=None, baseline=None,
-        max_regression="5%", device="auto", dtype="auto", graph=True) -> dict:
+        max_regression="5%", device="auto", dtype="auto", graph=True, verbose=False) -> dict:
     """``gptoss bench``: check everything that can be checked before the (long) run, run the
     sweep, print the result on stdout, write ``--output``, compare with ``--baseline``."""
     if fmt not in benchstats.FORMATS:
@@ -241,7 +241,7 @@ def run(model=None, random_weights=None, prompt_lens="128,2048", gen_tokens=128,
     if output is not None and not Path(output).parent.is_dir():
         raise GptossError(f"--output {output}: the folder {Path(output).parent} does not exist")
     result = execute(opts, progress=True)
-    benchstats.emit(result, fmt, sys.stdout)
+    benchstats.emit(result, fmt, sys.stdout, verbose=verbose)
     benchstats.print_notes(result)
     if output is not None:
         out_fmt = fmt if fmt in ("json", "csv", "md") else "json"

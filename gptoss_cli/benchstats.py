@@ -120,29 +120,39 @@ class Progress:
 
 
 # ---- output formats -------------------------------------------------------------------------
-def emit(result: dict, fmt: str, out: TextIO) -> None:
+def emit(result: dict, fmt: str, out: TextIO, verbose: bool = False) -> None:
     if fmt == "json":
         out.write(json.dumps(result, indent=2) + "\n")
     elif fmt == "csv":
         out.write(to_csv(result))
     elif fmt == "md":
         out.write(to_markdown(result))
-    else:
+    elif verbose:
         print_table(result, out)
+    else:
+        print_compact(result, out)
 
 
 def describe(result: dict) -> str:
     """One line saying what ran: model, weights, context, device, versions, dtype, path, graph."""
+    return " | ".join(_describe_parts(result, full=True))
+
+
+def _describe_parts(result: dict, full: bool) -> list[str]:
+    """What ran, in three parts (model; device and versions; dtype, path, graph, bandwidth);
+    ``full``: the kernels by name too (many on a GPU), else just which op path."""
     s, m = result["system"], result["model"]
-    kernels = s.get("kernels") or s.get("ops")
+    kernels = (s.get("kernels") or s.get("ops")) if full else s.get("ops")
     if isinstance(kernels, (dict, list)):
         kernels = json.dumps(kernels, separators=(",", ":"))
     weights = "RANDOM weights" if m["random_weights"] else "weights from " + str(m.get("path") or m["name"])
     name = s.get("cpu_name") or s.get("device_name") if s.get("device") == "cpu" else s.get("device_name")
     versions = ", ".join(f"{k} {s[k]}" for k in ("driver", "cuda", "torch", "triton") if s.get(k))
-    return (f"{m['name']} ({weights}), context {m['context']} | {name} [{s.get('device')}], {versions}"
-            f" | {s.get('dtype')}, ops {kernels}, CUDA graph {'on' if s.get('cuda_graph') else 'off'}"
-            f" | bandwidth {result['bandwidth_gbps']:.1f} GB/s measured ({result['bandwidth']['method']})")
+    threads = f", {s['cpu_threads']} threads" if s.get("device") == "cpu" and s.get("cpu_threads") else ""
+    return [f"{m['name']} ({weights}), context {m['context']}",
+            f"{name} [{s.get('device')}{threads}], {versions}",
+            f"{s.get('dtype')}, ops {kernels}, CUDA graph {'on' if s.get('cuda_graph') else 'off'}"
+            f", bandwidth {result['bandwidth_gbps']:.1f} GB/s measured ({result['bandwidth']['method']})"]
 
 
 def _cell(fig: Figure, stats: dict, with_std: bool = True) -> str:
@@ -160,7 +170,45 @@ def _rows(result: dict):
 HEADERS = ["prompt", "batch", "depth", "gen"] + [f.label for f in FIGURES]
 
 
+def _short(value: float, std: float | None = None) -> str:
+    """A figure with the digits that matter at its size (llama-bench's t/s column: mean ± std)."""
+    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+    text = f"{value:,.{digits}f}"
+    return text if std is None else f"{text} ± {std:,.{digits}f}"
+
+
+def print_compact(result: dict, out: TextIO) -> None:
+    """The default table: the essentials, 80 columns wide (like llama-bench's model/test/t/s);
+    --verbose, --format json/csv/md give every figure."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = result["results"]
+    depth = any(r["context_depth"] for r in rows)
+    table = Table(box=None, pad_edge=False, header_style="bold underline")
+    for h in ["prompt", "batch"] + (["depth"] if depth else []) + ["prefill tok/s", "TTFT ms", "decode tok/s", "roofline"]:
+        table.add_column(h, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["prompt_len"]), str(r["batch"]), *([str(r["context_depth"])] if depth else []),
+                      _short(r["prefill_tok_s"]["mean"], r["prefill_tok_s"]["std"]), _short(r["ttft_ms"]["mean"]),
+                      _short(r["decode_tok_s"]["mean"], r["decode_tok_s"]["std"]),
+                      f"{100 * r['roofline_share']['mean']:.1f}%")
+    con = Console(file=out, highlight=False)   # a terminal's width; on a pipe, 80 columns
+    for line in _describe_parts(result, full=False):
+        con.print(Text(line, style="bold"), overflow="fold")
+    con.print(table)
+    s = result["settings"]
+    con.print(Text(f"mean ± std of {s['repeat']} run(s) after {s['warmup']} warm-up run(s), {s['gen_tokens']} tokens "
+                   "generated each", style="dim"), overflow="fold")
+    con.print(Text("--verbose: also latency percentiles, memory, GB/s (json, csv, md: every figure)", style="dim"),
+              overflow="fold")
+    if result["model"]["random_weights"]:
+        con.print(Text("RANDOM weights: the speed is real, the tokens are noise", style="dim"))
+
+
 def print_table(result: dict, out: TextIO) -> None:
+    """--verbose: every figure of every configuration (wide; not squeezed on a pipe)."""
     from rich.console import Console
     from rich.table import Table
 

@@ -25,23 +25,23 @@ from .errors import ContextFullError, GptossError
 from .harmony import EFFORTS, Conversation
 from .loading import load_engine
 
-COMMANDS = {
-    "/help": "show this help",
-    "/effort": "low|medium|high — reasoning effort from this turn on",
-    "/reasoning": "show|hide — stream the reasoning or collapse it to one line",
-    "/system": "TEXT — the model identity line of the system message",
-    "/developer": "TEXT — developer instructions (empty to clear)",
-    "/set": "temperature|top_p|max_tokens|seed VALUE — a sampling setting",
-    "/reset": "forget the conversation",
-    "/undo": "remove the last turn",
-    "/regen": "answer the last message again",
-    "/save": "FILE — JSON transcript with reasoning (FILE.md: Markdown export)",
-    "/load": "FILE — continue a saved JSON transcript",
-    "/copy": "copy the last answer to the clipboard",
-    "/stats": "figures of the last reply",
-    "/context": "context used, and the rendered system message",
-    "/trim": "[N] — drop the N oldest turns (default 1)",
-    "/exit": "leave (Ctrl-D, or Ctrl-C on an empty prompt)",
+COMMANDS = {  # name: (its arguments, what it does), shown by /help in two aligned columns
+    "/help": ("", "show this help"),
+    "/effort": ("low|medium|high", "reasoning effort from this turn on"),
+    "/reasoning": ("show|hide", "stream the reasoning, or collapse it to one line"),
+    "/system": ("TEXT", "the model-identity line of the system message"),
+    "/developer": ("TEXT", "developer instructions (empty clears them)"),
+    "/set": ("temperature|top_p|max_tokens|seed V", "a sampling setting"),
+    "/reset": ("", "forget the conversation"),
+    "/undo": ("", "remove the last turn"),
+    "/regen": ("", "answer the last message again"),
+    "/save": ("FILE", "JSON transcript with reasoning (FILE.md: Markdown export)"),
+    "/load": ("FILE", "continue a saved JSON transcript"),
+    "/copy": ("", "copy the last answer to the clipboard"),
+    "/stats": ("", "figures of the last reply"),
+    "/context": ("", "context used, and the rendered system message"),
+    "/trim": ("[N]", "drop the N oldest turns (default 1)"),
+    "/exit": ("", "leave (Ctrl-D, or Ctrl-C on an empty prompt)"),
 }
 ARGUMENTS = {
     "/effort": list(EFFORTS),
@@ -64,6 +64,7 @@ PROMPT_JSON_SCHEMA = {
             "type": "object", "required": ["recipient", "arguments"],
             "properties": {"recipient": {"type": "string"}, "arguments": {"type": "string"},
                            "content_type": {"type": ["string", "null"]}}}},
+        "other": {"type": "string"},
         "raw": {"type": "string"},
         "stop_reason": {"enum": ["stop", "length", "context", "interrupted"]},
         "random_weights": {"type": "boolean"},
@@ -128,6 +129,9 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
     finally:
         view.close()
     err.print(Text(stats_line(turn.stats, session.engine.device.type), style="dim"), soft_wrap=True)
+    if turn.stop_reason == "context":
+        err.print(Text(f"the reply stopped because it filled the context ({session.context_limit:,} tokens): "
+                       "a larger --context (-c) gives it room", style="yellow"), soft_wrap=True)
     if turn.interrupted:
         raise KeyboardInterrupt
 
@@ -140,6 +144,7 @@ def turn_json(turn: Turn, model: str, prompt: str, session: ChatSession) -> dict
         "reasoning": turn.reasoning,
         "answer": turn.answer,
         "tool_calls": turn.tool_calls,
+        "other": turn.other,
         "raw": turn.raw,
         "stop_reason": turn.stop_reason or "length",
         "random_weights": session.engine.config.random_weights,
@@ -242,7 +247,8 @@ class Repl:
         if turn.interrupted:
             self.console.print(Text("[interrupted — the partial answer is kept]", style="yellow"))
         if turn.stop_reason == "context":
-            self.console.print(Text("the context is full: /trim drops the oldest turns, /reset starts over", style="yellow"))
+            self.console.print(Text(f"the reply stopped because it filled the context ({self.session.context_limit:,} tokens): "
+                                    "/trim drops the oldest turns, /reset starts over", style="yellow"))
         self.console.print(Text(stats_line(turn.stats, self.session.engine.device.type), style="dim"))
 
     # ---- slash commands ----------------------------------------------------------------------
@@ -253,8 +259,9 @@ class Repl:
         if name in ("/exit", "/quit", "/bye"):
             return "exit"
         if name == "/help":
-            for cmd, doc in COMMANDS.items():
-                c.print(f"[bold]{cmd}[/] {escape(doc)}")
+            width = max(len(f"{cmd} {args}") for cmd, (args, _) in COMMANDS.items())
+            for cmd, (args, doc) in COMMANDS.items():
+                c.print(Text.assemble((cmd, "bold"), f" {args}".ljust(width - len(cmd) + 2), doc))
         elif name == "/effort":
             s.set_effort(arg)
             c.print(f"reasoning effort: {arg}")
@@ -282,6 +289,10 @@ class Repl:
             t = s.undo()
             c.print("removed the last turn" if t else "nothing to undo")
         elif name == "/regen":
+            if s.turns and (s.settings.seed is not None or s.settings.temperature == 0):
+                why = ("temperature 0 is greedy (/set temperature 1 samples)" if s.settings.temperature == 0
+                       else f"seed {s.settings.seed} is fixed (/set seed none draws a new one)")
+                c.print(Text(f"the same answer again: {why}", style="dim"))
             self.turn(lambda on_event, on_token: s.regen(on_event, on_token))
         elif name == "/save":
             if not arg:
@@ -348,9 +359,9 @@ class SlashCompleter(Completer):
         if not text.startswith("/"):
             return
         if " " not in text:
-            for cmd, doc in COMMANDS.items():
+            for cmd, (args, doc) in COMMANDS.items():
                 if cmd.startswith(text):
-                    yield Completion(cmd, start_position=-len(text), display_meta=doc)
+                    yield Completion(cmd, start_position=-len(text), display_meta=f"{args} {doc}".strip())
             return
         cmd, _, arg = text.partition(" ")
         for option in ARGUMENTS.get(cmd, ()):

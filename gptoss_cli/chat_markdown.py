@@ -23,7 +23,7 @@ import time
 from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markdown import Markdown, UnknownElement
-from rich.segment import Segment
+from rich.segment import ControlType, Segment
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
@@ -118,10 +118,22 @@ class FinishedBlock:
             yield from line
 
 
+# DECAWM (VT100): the terminal's automatic wrap at the right margin, off while the live region is
+# drawn and on again after it. Rich counts a character's cells with its own table; terminals count
+# some differently (tmux: Devanagari and Tamil vowel signs 1 cell where Rich says 0, an emoji with
+# a skin tone 2 cells more). A line Rich thinks fits would then wrap on the screen, the region
+# would stand taller than Rich counts, and each redraw, moving up by Rich's count, would leave
+# lines behind (issue 26: 26 lines of answer filled 96 screen lines). Without the wrap a rendered
+# line is exactly one screen line, its end cut off at worst until the block is printed for good.
+_NO_WRAP = Segment("\x1b[?7l", None, [(ControlType.BELL,)])
+_WRAP = Segment("\x1b[?7h", None, [(ControlType.BELL,)])
+
+
 class OpenBlock:
     """The live part of a streamed answer: the open block, parsed when it is drawn (at the live
     region's refresh rate), not on every token. A block taller than the terminal shows its last
-    lines: a live region must fit on the screen to be erased and redrawn in place."""
+    lines: a live region must fit on the screen to be erased and redrawn in place; and its lines
+    are drawn without the terminal's own wrap (``_NO_WRAP``), so each takes one screen line."""
 
     def __init__(self, stream: MarkdownStream):
         self.stream = stream
@@ -133,10 +145,14 @@ class OpenBlock:
             block = FinishedBlock(text, self.stream.after)
             self._drawn = (text, options.max_width, console.render_lines(block, options, pad=False))
         shown = self._drawn[2][-max(1, console.size.height - 1):]
+        if not shown:
+            return
+        yield _NO_WRAP
         for i, line in enumerate(shown):  # no newline after the last line: the cursor stays in the region
             yield from line
             if i < len(shown) - 1:
                 yield Segment.line()
+        yield _WRAP
 
 
 class CoalescedText:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .config import MAX_TEMPERATURE
 from .engine import Engine, memory_stats
 from .errors import ContextFullError, GptossError, why_not_written
 from .harmony import (
-    EFFORTS, STOP_TOKEN_IDS, Conversation, Malformed, Message, MessageEnd, MessageStart, StreamParser,
+    EFFORTS, STOP_TOKEN_IDS, Conversation, Message, ReplyTally, StreamParser,
     history_after_reply, render_completion, render_conversation,
 )
 
@@ -46,8 +47,8 @@ class Settings:
         try:
             if key == "temperature":
                 v = _number(value, float)
-                if not 0 <= v <= 10:
-                    raise ValueError("between 0 and 10")
+                if not 0 <= v <= MAX_TEMPERATURE:
+                    raise ValueError(f"between 0 and {MAX_TEMPERATURE:g}")
             elif key == "top_p":
                 v = _number(value, float)
                 if not 0 < v <= 1:
@@ -83,7 +84,7 @@ class Turn:
     user: str
     effort: str
     reply: list[Message] = field(default_factory=list)   # parsed messages of the reply
-    raw: str = ""                  # text that was not well-formed Harmony
+    raw: str = ""                  # text that was not well-formed Harmony (harmony.ReplyTally)
     interrupted: bool = False
     stop_reason: str = ""          # stop | length | context | interrupted
     stats: dict = field(default_factory=dict)
@@ -97,6 +98,13 @@ class Turn:
         return "".join(m.content for m in self.reply if m.channel == "final")
 
     @property
+    def other(self) -> str:
+        """Text of well-formed messages that are neither reasoning, answer nor tool call (e.g. a
+        commentary preamble, another channel); a message without a channel is in ``raw``."""
+        return "".join(m.content for m in self.reply if m.channel not in (None, "analysis", "final")
+                       and not (m.role == "assistant" and m.recipient not in (None, "all")))
+
+    @property
     def tool_calls(self) -> list[dict]:
         return [
             {"recipient": m.recipient, "arguments": m.content, "content_type": m.content_type}
@@ -106,7 +114,7 @@ class Turn:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["reply"] = [m.to_dict() for m in self.reply]
-        d.update(reasoning=self.reasoning, answer=self.answer, tool_calls=self.tool_calls)
+        d.update(reasoning=self.reasoning, answer=self.answer, other=self.other, tool_calls=self.tool_calls)
         return d
 
     @classmethod
@@ -170,8 +178,7 @@ class ChatSession:
             )
         turn = Turn(user=user_text, effort=self.conv.reasoning_effort)
         parser = StreamParser(self.engine.tokenizer)
-        counts = {"analysis": 0, "final": 0, "other": 0}
-        channel = None
+        tally = ReplyTally()                   # tokens by channel, and the raw text
         s = self.settings
         gen = self.engine.generate(
             tokens, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
@@ -179,31 +186,29 @@ class ChatSession:
         )
         t0 = time.perf_counter()
 
-        def emit(events):
-            nonlocal channel
+        def emit(events, counted):
+            for kind, n in counted:
+                for _ in range(n):
+                    on_token(kind)
             for e in events:
-                if isinstance(e, MessageStart):
-                    channel = e.channel
-                elif isinstance(e, MessageEnd):
-                    channel = None
-                elif isinstance(e, Malformed) and e.text:
-                    turn.raw += e.text
                 on_event(e)
 
         try:
             for tok in gen:
-                kind = channel if channel in counts else "other"
-                counts[kind] += 1
-                on_token(kind)
-                emit(parser.feed(tok))
+                events = parser.feed(tok)
+                emit(events, tally.feed(parser, events))
             turn.stop_reason = self.engine.last_stats.stop_reason
+            if turn.stop_reason == "length" and len(parser.tokens) >= room:
+                turn.stop_reason = "context"         # the reply filled the context
         except KeyboardInterrupt:
             gen.close()
             turn.interrupted, turn.stop_reason = True, "interrupted"
         finally:
-            emit(parser.finish())
+            events = parser.finish()
+            emit(events, tally.finish(events))
+            turn.raw = "".join(tally.raw)
         turn.reply = parser.messages
-        turn.stats = self._stats(counts, len(tokens), time.perf_counter() - t0)
+        turn.stats = self._stats(tally.counts, len(tokens), time.perf_counter() - t0)
         self.turns.append(turn)
         return turn
 

@@ -10,11 +10,16 @@
 Streamed plain text (reasoning, tool arguments, an answer on a pipe) is written in batches of at
 most 20 a second, so the cost per token stays that of appending a string, whatever the engine's
 pace. On a pipe (stdout not a terminal) nothing moves: no colours, no cursor tricks.
+
+A live region is redrawn from this thread, at most ``LIVE_HZ`` times a second as tokens come, not
+by Rich's refresh thread: that thread could redraw the region between a finished block's erase of
+the old region and its print, and the cursor then moved by a stale height (lines lost or doubled).
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 from rich.console import Console
 from rich.live import Live
@@ -22,6 +27,8 @@ from rich.text import Text
 
 from .chat_markdown import CoalescedText, MarkdownStream, OpenBlock
 from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
+
+LIVE_HZ = 10  # redraws of a live region per second, at most
 
 
 class ReplyView:
@@ -42,6 +49,7 @@ class ReplyView:
         self.raw: tuple[str, CoalescedText] | None = None  # a run of raw text: its reason, its stream
         self.hidden_tokens = 0
         self.wrote_answer = False
+        self._drawn_at = 0.0                    # when the live region was last redrawn
 
     # ---- tokens (for the hidden-reasoning counter) ------------------------------------------
     def on_token(self, channel: str) -> None:
@@ -49,6 +57,7 @@ class ReplyView:
             self.hidden_tokens += 1
             if self.live is not None:
                 self.live.update(self._thinking_line(), refresh=False)
+                self._redraw()
 
     def _thinking_line(self) -> Text:
         return Text(f"thinking… {self.hidden_tokens} tokens", style="dim italic")
@@ -84,7 +93,7 @@ class ReplyView:
                 self.stream = CoalescedText(self.console, "dim")
             elif self.live_ok:
                 self.live = Live(self._thinking_line(), console=self.console, transient=True,
-                                 refresh_per_second=8)
+                                 auto_refresh=False)
                 self.live.start()
         elif kind == "tool":
             label = f"→ tool call {m.recipient}" + (f" ({m.content_type})" if m.content_type else "")
@@ -92,7 +101,7 @@ class ReplyView:
             self.stream = CoalescedText(self.console, "cyan")
         elif kind == "answer" and self.live_ok:
             self.markdown = MarkdownStream()
-            self.live = Live(OpenBlock(self.markdown), console=self.out, refresh_per_second=10,
+            self.live = Live(OpenBlock(self.markdown), console=self.out, auto_refresh=False,
                              transient=True)
             self.live.start()
         else:  # the answer on a pipe, or text the parser could not place: as it comes
@@ -106,6 +115,7 @@ class ReplyView:
         if self.markdown is not None:
             for block in self.markdown.feed(text):
                 self.out.print(block)
+            self._redraw()
         elif self.stream is not None:
             self.stream.write(text)
 
@@ -167,6 +177,13 @@ class ReplyView:
         if live is not None:
             live.start()
 
+    def _redraw(self) -> None:
+        """Redraw the live region if it is time (``LIVE_HZ``)."""
+        now = time.monotonic()
+        if self.live is not None and now - self._drawn_at >= 1 / LIVE_HZ:
+            self._drawn_at = now
+            self.live.refresh()
+
     def _close_live(self) -> None:
         if self.live is not None:
             self.live.stop()
@@ -199,7 +216,8 @@ def stats_line(stats: dict, device_type: str = "cpu") -> str:
     return (
         f"ttft {stats['time_to_first_token_s']:.2f}s · prefill {rate(stats['prefill_tok_s'])}"
         f" ({stats['prefill_tokens']} new, {stats['reused_tokens']} cached) · decode {rate(stats['decode_tok_s'])}"
-        f" · reasoning {stats['reasoning_tokens']} · answer {stats['answer_tokens']} tokens"
+        f" · reasoning {stats['reasoning_tokens']:,} · answer {stats['answer_tokens']:,}"
+        + (f" · other {stats['other_tokens']:,}" if stats.get("other_tokens") else "") + " tokens"
         f" · context {stats['context_used']:,}/{stats['context_limit']:,}"
         f" · peak {mem} {human_bytes(stats['peak_memory_bytes'])}"
     )

@@ -222,10 +222,15 @@ def _find_config(root: Path) -> tuple[Path, ModelConfig]:
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
             return folder, ModelConfig.from_file(folder / "config.json")
     if (root / "config.json").is_file():
-        ModelConfig.from_file(root / "config.json")  # a wrong config is the clearer error
+        cfg = ModelConfig.from_file(root / "config.json")  # a wrong config is the clearer error
+        again = "gptoss download"
+        if cfg.random_weights:  # tiny-random, in gptoss's models folder or a --local-dir
+            from .resolve import local_models_dir
+
+            again += " tiny-random" + ("" if root == local_models_dir() / "tiny-random" else f" --local-dir {root}")
         raise CheckpointError(
             f"{root} has a config.json but no .safetensors weights",
-            "the download is incomplete: run `gptoss download` again",
+            f"the download is incomplete: run `{again}` again",
         )
     raise CheckpointError(
         f"{root} holds no gpt-oss checkpoint (no config.json here or in original/)",

@@ -18,11 +18,60 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .config import MAX_TEMPERATURE
 from .errors import GptossError
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 
-app = typer.Typer(
+# PyTorch's OpenMP threads (libgomp) spin 300,000 rounds before they sleep when they wait for each
+# other; beside a busy process the spinning thread takes the core the other one needs, and the
+# default threads ran 4-26x slower than one thread (issue 26). Sleeping at once made them as fast
+# as one thread or faster, with and without a busy neighbour (PERF.md). libgomp reads this once,
+# when torch loads it: set here, before any subcommand imports torch; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+class _App(typer.Typer):
+    """The Typer app, run so that a bad option or value is one ``error:`` line (with the command's
+    --help to read) like every other error of the tool, not Typer's framed box."""
+
+    def __call__(self, *args, **kwargs):
+        exceptions = _click_exceptions()
+        try:
+            code = super().__call__(*args, **kwargs, standalone_mode=False)
+        except exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # plain `gptoss`: the help (Rich printed it already)
+                if e.format_message().strip():
+                    e.show()
+            else:
+                where = e.ctx.command_path if e.ctx is not None else "gptoss"
+                message = " ".join(e.format_message().split()).rstrip(".")
+                _error(escape_markup(f"{message[:1].lower()}{message[1:]} (see {where} --help)"))
+            code = e.exit_code
+        except exceptions.ClickException as e:
+            _error(escape_markup(" ".join(e.format_message().split())))
+            code = e.exit_code
+        except exceptions.Abort:
+            print("aborted", file=sys.stderr)
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """click's exception classes: Typer vendors click from 0.20 on, earlier it imports click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+app = _App(
     name="gptoss",
     help="Chat with, benchmark, download and evaluate OpenAI's gpt-oss models.",
     no_args_is_help=True,
@@ -132,6 +181,14 @@ def _no_check(value: bool) -> bool:
 
 NO_CHECK_HELP = "Skip the check of the fast ops against their references at load (gptoss doctor runs it in full)."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+THREADS_HELP = "CPU threads (default: $GPTOSS_THREADS, else the physical cores)."
+TEMPERATURE_HELP = f"Sampling temperature, 0 to {MAX_TEMPERATURE:g}; 0 is greedy."
+
+
+def _use_threads(threads: int | None) -> None:
+    """--threads: the same setting as GPTOSS_THREADS (the native library and PyTorch read it)."""
+    if threads is not None:
+        os.environ["GPTOSS_THREADS"] = str(threads)
 SERVED_MODEL_HELP = "The model's name on --endpoint (default: the one model it serves)."
 ENDPOINT_HELP = ("Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, "
                  "e.g. http://127.0.0.1:8000/v1.")
@@ -162,10 +219,11 @@ def chat(
     effort: Effort = typer.Option(Effort.medium, "--effort", "-e", help="Reasoning effort."),
     system: Optional[str] = typer.Option(None, "--system", help="The system message's model-identity line (instead of 'You are ChatGPT, ...')."),
     developer: Optional[str] = typer.Option(None, "--developer", help="Developer instructions."),
-    temperature: float = typer.Option(1.0, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    temperature: float = typer.Option(1.0, "--temperature", "--temp", help=TEMPERATURE_HELP),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", help="Most tokens generated per reply."),
-    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens generated per reply."),
+    context: int = typer.Option(8192, "--context", "-c", help="Context length (KV cache size) in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     reasoning: Reasoning = typer.Option(Reasoning.show, "--reasoning", help="Stream the reasoning, or collapse it to one line."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this prompt and exit ('-' reads stdin)."),
@@ -178,6 +236,7 @@ def chat(
     """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
     from . import chat as mod
 
+    _use_threads(threads)
     mod.run(model=model, effort=effort.value, system=system, developer=developer, temperature=temperature,
             top_p=top_p, max_tokens=max_tokens, context=context, seed=seed, reasoning=reasoning.value,
             prompt=prompt, json_out=json_out, device=device, dtype=dtype.value, yes=yes)
@@ -188,13 +247,14 @@ def chat(
 def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     random_weights: Optional[str] = typer.Option(None, "--random-weights", help="Random MXFP4 weights in a preset's shape (gpt-oss-20b, gpt-oss-120b, small, tiny)."),
-    prompt_lens: str = typer.Option("128,2048", "--prompt-lens", help="Comma-separated prompt lengths."),
-    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens generated per run (the first comes from prefill; decode is timed over the rest)."),
+    prompt_lens: str = typer.Option("128,2048", "--prompt-lens", "-p", help="Comma-separated prompt lengths."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", "-n", help="Tokens generated per run (the first comes from prefill; decode is timed over the rest)."),
     batch: str = typer.Option("1", "--batch", help="Comma-separated batch sizes (aligned streams)."),
     context_depth: str = typer.Option("0", "--context-depth", help="Comma-separated numbers of tokens already in the cache before the prompt."),
-    repeat: int = typer.Option(3, "--repeat", help="Measured runs per configuration."),
+    repeat: int = typer.Option(3, "--repeat", "-r", help="Measured runs per configuration."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured warm-up runs per configuration."),
-    fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+    fmt: Format = typer.Option(Format.table, "--format", help="Output format (table: the essentials in 80 columns; json, csv, md: every figure)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="The table with every figure (latency percentiles, memory, GB/s)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the result to this file (JSON unless --format is csv or md)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="An earlier JSON result; exit 3 if a figure regressed."),
     max_regression: str = typer.Option("5%", "--max-regression", help="Largest allowed change for the worse against --baseline, in percent."),
@@ -202,12 +262,14 @@ def bench(
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Capture the decode step in a CUDA graph (GPU only)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Measure this OpenAI-compatible server from the client side instead."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
     served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
     concurrency: str = typer.Option("1", "--concurrency", help="With --endpoint: comma-separated numbers of simultaneous streams."),
 ):
     """Measure prefill and decode speed, time to first token, memory and the roofline share."""
+    _use_threads(threads)
     if endpoint:
         from . import bench_endpoint
 
@@ -220,7 +282,7 @@ def bench(
     mod.run(model=model, random_weights=random_weights, prompt_lens=prompt_lens, gen_tokens=gen_tokens,
             batch=batch, context_depth=context_depth, repeat=repeat, warmup=warmup, fmt=fmt.value,
             output=output, baseline=baseline, max_regression=max_regression, device=device,
-            dtype=dtype.value, graph=graph)
+            dtype=dtype.value, graph=graph, verbose=verbose)
 
 
 @app.command()
@@ -229,7 +291,8 @@ def serve(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; mind --api-key)."),
     port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0 picks a free one)."),
-    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    context: int = typer.Option(8192, "--context", "-c", help="Context length (KV cache size) in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
@@ -240,6 +303,7 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/responses)."""
     from . import serve as mod
 
+    _use_threads(threads)
     mod.run(model=model, host=host, port=port, context=context, api_key=api_key, max_queue=max_queue,
             device=device, dtype=dtype.value, yes=yes)
 
@@ -256,9 +320,10 @@ def eval_(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSON report; an existing one is resumed."),
     fail_under: Optional[str] = typer.Option(None, "--fail-under", help="Exit 1 if a suite x effort accuracy is below this (0-1 or 70%); perplexity is not gated by it."),
     max_perplexity: Optional[float] = typer.Option(None, "--max-perplexity", help="Exit 1 if a perplexity suite scores above this."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 is greedy."),
-    max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens generated per answer."),
-    context: int = typer.Option(8192, "--context", help="Context length in tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", "--temp", help=TEMPERATURE_HELP),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens generated per answer."),
+    context: int = typer.Option(8192, "--context", "-c", help="Context length in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     ppl_window: Optional[int] = typer.Option(None, "--ppl-window", help="Perplexity: tokens per window (default 512)."),
     ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Perplexity: tokens between window starts (default 256)."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
@@ -273,6 +338,7 @@ def eval_(
     """Score a model on eval suites; exit non-zero under --fail-under."""
     from . import evals as mod
 
+    _use_threads(threads)
     mod.run(suites=suites, model=model, effort=effort, limit=limit, samples=samples, seed=seed,
             output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
             context=context, device=device, dtype=dtype.value, max_perplexity=max_perplexity,
@@ -292,11 +358,13 @@ def doctor(
     random_weights: Optional[str] = typer.Option(None, "--random-weights", help="Random MXFP4 weights in a preset's shapes (gpt-oss-20b, gpt-oss-120b, small, tiny); gpt-oss-20b's when no --model."),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
-    context: int = typer.Option(8192, "--context", help="Context length (KV cache size) in tokens."),
+    context: int = typer.Option(8192, "--context", "-c", help="Context length (KV cache size) in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     fmt: Report = typer.Option(Report.table, "--format", help="Output format."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Decode steps of the whole-step check (default 64; 16 on a CPU at gpt-oss's width)."),
 ):
     """Check every fast op (Triton kernels, the native CPU library) against its PyTorch reference here."""
+    _use_threads(threads)
     from . import doctor as mod
 
     mod.run(model=model, random_weights=random_weights, device=device, dtype=dtype.value, context=context,

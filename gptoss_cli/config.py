@@ -16,6 +16,9 @@ from pathlib import Path
 from .errors import CheckpointError
 
 VOCAB_SIZE = 201088
+# Sampling temperatures chat, eval and serve accept: the OpenAI API's range, so a setting that
+# works in one works in the others (above 2 the model's text is noise anyway).
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)

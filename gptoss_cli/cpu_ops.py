@@ -22,6 +22,8 @@ saying why and what to install; ``status()`` says which path runs (``gptoss benc
 thread count of the library and of PyTorch's CPU ops (default: PyTorch's, i.e. the physical
 cores); its worker threads are kept between calls asleep on a condition variable, so none
 spins while the machine is shared (starting a thread per call cost ~45 us, ~100 times a 20b step).
+A parallel phase is cut into a few parts per thread that whoever runs takes in turn, so a worker
+that another process keeps off its core does not hold the phase up (issue 26).
 
 ``linear``: PyTorch's bf16 matmul on CPU reads its weight at a fraction of the memory bandwidth
 when only a few rows come in (measured 1.5-3.7 GB/s against 8.7 for float32 on this machine), so

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from rich.markup import escape
 
 from . import hub
 from .config import PRESETS, ModelConfig
-from .errors import CheckpointError, GptossError
+from .errors import CheckpointError, GptossError, why_not_written
 from .resolve import data_dir, local_models_dir, repo_for
 
 TINY_RANDOM = "tiny-random"
@@ -439,29 +440,61 @@ def print_list(models: list[LocalModel], console) -> None:
 # ---- tiny-random and eval data ------------------------------------------------------------------
 
 def write_tiny_random(local_dir: Path | None = None, console=None) -> Path:
-    """Write the "tiny" preset with random weights in both hub layouts, without network."""
+    """Write the "tiny" preset with random weights in both hub layouts, without network.
+
+    The files are written into a hidden sibling folder and renamed into place at the end, so a
+    run that fails or is interrupted leaves no half-written model behind (and an earlier
+    tiny-random stays as it was)."""
     from rich.console import Console
+    from safetensors import SafetensorError
 
     from .synthetic import write_checkpoint
 
     console = console or Console(highlight=False)
     folder = Path(local_dir) if local_dir is not None else local_models_dir() / TINY_RANDOM
     existing = _read_config(folder)
+    where = "--local-dir" if local_dir is not None else "GPTOSS_HOME"
     if (folder / "config.json").exists() and (existing is None or not existing.random_weights):
         raise GptossError(f"{folder} already holds another model; not overwriting it with random weights",
                           "choose another --local-dir")
-    where = "--local-dir" if local_dir is not None else "GPTOSS_HOME"
+    if existing is None and folder.is_dir() and any(folder.iterdir()):
+        raise GptossError(f"{folder} is not empty; not writing a model among other files",
+                          f"choose an empty or new {where}")
     check_writable(folder, where)
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
-        write_checkpoint(folder, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
-    except OSError as e:
-        raise GptossError(f"cannot write tiny-random to {folder}: {e.strerror or e}",
-                          f"choose a {where} you can write to") from None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a run of the same pid that was killed
+        write_checkpoint(partial, PRESETS["tiny"], layout="both", shards=2, seed=0, tokenizer=True)
+        _swap_in(partial, folder)
+    except (OSError, SafetensorError) as e:  # the latter: a failed write inside save_file (disk full)
+        why = why_not_written(folder, e) if isinstance(e, OSError) else str(e)
+        raise GptossError(f"cannot write tiny-random to {folder}: {why}",
+                          f"choose a {where} you can write to, with room for about 110 MB") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     console.print(f"[bold yellow]wrote tiny-random to {escape(str(folder))}: real file formats, RANDOM weights. "
                   "Everything a model loaded from it says is noise.[/]", soft_wrap=True)
     how = TINY_RANDOM if local_dir is None else str(folder)
     console.print(f"try it: gptoss chat --model {escape(how)}", soft_wrap=True)
     return folder
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Rename the finished folder ``new`` to ``folder``; an earlier one there (an empty folder, or
+    a random checkpoint being rewritten) is moved aside first and removed only after."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        os.replace(new, folder)            # rename(2) replaces an empty folder
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    try:
+        os.replace(new, folder)
+    except OSError:
+        os.replace(old, folder)            # put the earlier one back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fetch_eval(name: str, *, revision: str | None = None, console=None) -> Path:

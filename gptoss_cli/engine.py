@@ -299,6 +299,10 @@ class Engine:
         if self.device.type == "cuda":
             info["cuda"] = torch.version.cuda
             info["driver"] = _driver_version()
+        else:
+            from .cpu_ops import cpu_threads
+
+            info["threads"] = cpu_threads()   # GPTOSS_THREADS or --threads, else PyTorch's count
         return info
 
     # ---- the API -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .config import MAX_TEMPERATURE
 from .errors import ContextFullError, GptossError, why_not_written
 from .graders import Reply, grade
 from .harmony import EFFORTS, Malformed
@@ -374,6 +375,8 @@ def check_same_runtime(path: Path, old: dict, runtime: dict) -> None:
 
 # ---- the command ----------------------------------------------------------------------------
 
+RANDOM_HINT_TOKENS = 64  # above this, a model with random weights gets a hint about --max-tokens
+
 
 def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None, samples: int, seed: int,
         output: Path | None, fail_under: str | None, temperature: float, max_tokens: int, context: int,
@@ -391,8 +394,8 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
                              ("--ppl-window", ppl_window, 2), ("--ppl-stride", ppl_stride, 1)):
         if value is not None and value < low:
             raise GptossError(f"{name} must be at least {low}")
-    if not 0 <= temperature <= 10:
-        raise GptossError("--temperature must be between 0 and 10")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise GptossError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}")
     loaded = [load_suite(arg, seed) for arg in suites]
     names = [s.name for s in loaded]
     if len(set(names)) != len(names):
@@ -419,6 +422,9 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
 
     engine = target or load_engine(model, device, dtype, context, yes, err)
     runtime = engine.runtime_info()
+    if runtime["random_weights"] and max_tokens > RANDOM_HINT_TOKENS:
+        err.print(f"[yellow]note:[/] random weights rarely stop early: each answer runs to --max-tokens "
+                  f"({max_tokens:,} tokens); -n {RANDOM_HINT_TOKENS} makes a quick trial")
     if previous is not None:
         check_same_runtime(output, previous, runtime)
     plan = _plan(loaded, efforts, samples, seed)
@@ -435,7 +441,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
                          "passed": not failures, "failures": failures}}
 
     _run_plan(engine, plan, done, temperature, max_tokens, err, lambda: output and write_report(output, report()),
-              sample=target and target.run_sample)
+              sample=target and target.run_sample, output=output)
     final = report()
     if output is not None:
         write_report(output, final)
@@ -477,7 +483,7 @@ def _endpoint_target(url: str, api_key: str | None, served_model: str | None, su
 
 
 def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err: Console, save,
-              sample=None) -> None:
+              sample=None, output: Path | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     todo = [(k, job) for k, job in plan if k not in done]
@@ -496,7 +502,12 @@ def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err
                 progress.advance(task)
         except KeyboardInterrupt:
             progress.stop()
-            err.print(f"{len(done)} of {len(plan)} samples are saved; run the same command again to resume")
+            if output is not None:
+                err.print(f"{len(done)} of {len(plan)} samples are saved in {escape(str(output))}; "
+                          "run the same command again to resume")
+            else:
+                err.print(f"stopped after {len(done)} of {len(plan)} samples; nothing was saved "
+                          "(with --output FILE each sample is saved, and the same command resumes)")
             raise
 
 

@@ -364,6 +364,11 @@ class StreamParser:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stopped = False
 
+    @property
+    def reading_header(self) -> bool:
+        """Between a message's ``<|start|>`` (or the reply's opening) and its ``<|message|>``."""
+        return self._header is not None
+
     def feed(self, token_id: int) -> list[Event]:
         """Consume one generated token; return what it completed, in order."""
         self.tokens.append(token_id)
@@ -472,3 +477,58 @@ class StreamParser:
         text = self._utf8.decode(b"", final=True)
         reason = "text after the stop" if self._stopped else "text outside a message"
         return [Malformed(reason, text)] if text else []
+
+
+class ReplyTally:
+    """A reply's tokens by where they went, and its raw text, fed token by token beside the
+    parser (``feed(parser, events)`` with the events of each token). The chat session and the
+    server both count with it, so their figures agree.
+
+    Tokens: "analysis" (reasoning), "final" (answer) or "other" (tool calls, other channels, text
+    outside any message). A header's tokens count with the message they open, so a well-formed
+    reply has no "other" tokens beyond its tool calls. Raw text: what was not well-formed Harmony,
+    in order: text outside a message or in a broken header, and the content of a message whose
+    header named no channel (the parser opens one after a header it cannot read)."""
+
+    def __init__(self):
+        self.counts = {"analysis": 0, "final": 0, "other": 0}
+        self.raw: list[str] = []
+        self._open: MessageStart | None = None
+        self._header = 0                      # tokens of the header being read
+
+    def feed(self, parser: StreamParser, events: list[Event]) -> list[tuple[str, int]]:
+        """Take one token's events; return what it counted: (kind, tokens), in order."""
+        inside = self._open
+        self._take(events)
+        if inside is not None:                # a token of the open message, or the one ending it
+            return self._count(inside, 1)
+        if self._open is not None:            # <|message|>: it and its header join the message
+            n, self._header = self._header + 1, 0
+            return self._count(self._open, n)
+        if parser.reading_header:
+            self._header += 1
+            return []
+        n, self._header = self._header + 1, 0  # outside any message (a cut-off header included)
+        return self._count(None, n)
+
+    def finish(self, events: list[Event]) -> list[tuple[str, int]]:
+        """The parser's ``finish()`` events; a header left unfinished counts as "other"."""
+        self._take(events)
+        n, self._header = self._header, 0
+        return self._count(None, n) if n else []
+
+    def _take(self, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, MessageStart):
+                self._open = e
+            elif isinstance(e, MessageEnd):
+                self._open = None
+            elif isinstance(e, Malformed) and e.text:
+                self.raw.append(e.text)
+            elif isinstance(e, TextDelta) and self._open is not None and self._open.channel is None:
+                self.raw.append(e.text)
+
+    def _count(self, message: MessageStart | None, n: int) -> list[tuple[str, int]]:
+        kind = message.channel if message is not None and message.channel in ("analysis", "final") else "other"
+        self.counts[kind] += n
+        return [(kind, n)]

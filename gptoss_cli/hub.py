@@ -515,14 +515,16 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
     )
 
     kind = "dataset" if repo_type == "dataset" else "model"
+    have = ("pass --model FOLDER to use a checkpoint on disk" if kind == "model"
+            else "give gptoss eval a copy you have as NAME=PATH")
     page = f"{endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(e, OfflineModeIsEnabled):
         reason = "offline mode is on (HF_HUB_OFFLINE=1)"
         return HubUnreachable(
             f"cannot download {repo_id}: {reason}",
-            "unset HF_HUB_OFFLINE to download, or pass --model FOLDER to use a checkpoint on disk; "
-            "`gptoss download --list` shows what is there",
+            f"unset HF_HUB_OFFLINE to download, or {have}"
+            + ("; `gptoss download --list` shows what is there" if kind == "model" else ""),
             reason,
         )
     if isinstance(e, HFValidationError):
@@ -550,8 +552,8 @@ def hub_error(e: BaseException, repo_id: str, repo_type: str = "model", revision
         reason = f"the Hugging Face hub at {endpoint()} cannot be reached ({str(e).strip() or type(e).__name__})"
         return HubUnreachable(
             f"cannot download {repo_id}: {reason}",
-            "check your network, proxy or HF_ENDPOINT; to use a model already on disk pass --model FOLDER, "
-            "or try gptoss offline with `gptoss download tiny-random`",
+            f"check your network, proxy or HF_ENDPOINT; or {have}"
+            + (", or try gptoss offline with `gptoss download tiny-random`" if kind == "model" else ""),
             reason,
         )
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):

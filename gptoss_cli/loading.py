@@ -35,7 +35,9 @@ def load_engine(model: str, device: str, dtype: str, context: int, yes: bool, er
         ops = info["ops"].split(":")[0]          # why a fallback runs: the warning below says it
         if info["fallbacks"]:
             ops += f" (reference: {', '.join(info['fallbacks'])})"
-        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {ops} · context {context:,}", style="dim"), soft_wrap=True)
+        threads = f" · {info['threads']} thread{'s' if info['threads'] != 1 else ''}" if "threads" in info else ""
+        err.print(Text(f"{model} · {info['device']} · {info['dtype']} · {ops}{threads} · context {context:,}", style="dim"),
+                  soft_wrap=True)
     if engine.device.type == "cpu" and (line := _cpu_fallback_line()):
         err.print(Text(f"warning: {line}", style="yellow"), soft_wrap=True)
     for name, why in engine.fallbacks.items():

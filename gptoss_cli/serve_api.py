@@ -26,7 +26,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .harmony import EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, StreamParser, TextDelta
+from .config import MAX_TEMPERATURE
+from .harmony import (EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, ReplyTally,
+                      StreamParser, TextDelta)
 
 MAX_STOPS = 4
 
@@ -230,7 +232,7 @@ def chat_request(body: dict) -> GenRequest:
     return GenRequest(
         conversation(history, instructions, effort_field(body.get("reasoning_effort"), "reasoning_effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, 2),
+        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
         top_p=number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=int_field(body, "seed"),
         stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
         include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"))
@@ -278,27 +280,34 @@ class ReplyBuilder:
 
     Stop strings apply to the content: text is held back while it could be the start of one, and
     a match ends the reply there (``stop_hit``). Tokens are counted per channel the way
-    ``ChatSession`` counts them (the channel open when the token arrives)."""
+    ``ChatSession`` counts them (``harmony.ReplyTally``: a header counts with its message)."""
 
     def __init__(self, encoding, stops: list[str] = ()):
         self.parser = StreamParser(encoding)
+        self.tally = ReplyTally()                               # tokens by channel, raw text
         self.stops = list(stops)
-        self.counts = {"analysis": 0, "final": 0, "other": 0}
         self.reasoning, self.content, self.calls = [], [], []   # calls: {id, name, arguments}
-        self.raw, self.malformed = [], []
+        self.malformed = []
         self.stop_hit = False
-        self._channel, self._call, self._held = None, None, ""
+        self._call, self._held = None, ""
+
+    @property
+    def counts(self) -> dict:
+        return self.tally.counts
 
     @property
     def n_tokens(self) -> int:
         return sum(self.counts.values())
 
     def feed(self, token_id: int) -> list[Delta]:
-        self.counts[self._channel if self._channel in self.counts else "other"] += 1
-        return self._deltas(self.parser.feed(token_id))
+        events = self.parser.feed(token_id)
+        self.tally.feed(self.parser, events)
+        return self._deltas(events)
 
     def finish(self) -> list[Delta]:
-        deltas = self._deltas(self.parser.finish())
+        events = self.parser.finish()
+        self.tally.finish(events)
+        deltas = self._deltas(events)
         if self._held and not self.stop_hit:
             deltas.append(self._content(self._held))
             self._held = ""
@@ -308,17 +317,15 @@ class ReplyBuilder:
         out = []
         for e in events:
             if isinstance(e, MessageStart):
-                self._channel = e.channel
                 if e.role == "assistant" and e.recipient not in (None, "all"):
                     self._call = len(self.calls)
                     call = {"id": new_id("call_"), "name": e.recipient.removeprefix("functions."), "arguments": ""}
                     self.calls.append(call)
                     out.append(Delta("tool", call["name"], self._call, call["id"]))
             elif isinstance(e, MessageEnd):
-                self._channel, self._call = None, None
+                self._call = None
             elif isinstance(e, Malformed):
                 self.malformed.append(e.reason)
-                self.raw.append(e.text)
             elif isinstance(e, TextDelta) and not self.stop_hit:
                 if self._call is not None:
                     self.calls[self._call]["arguments"] += e.text
@@ -356,7 +363,7 @@ class ReplyBuilder:
             "reasoning": "".join(m.content for m in msgs if m.channel == "analysis"),
             "tool_calls": [{"recipient": m.recipient, "arguments": m.content, "content_type": m.content_type}
                            for m in msgs if m.role == "assistant" and m.recipient not in (None, "all")],
-            "raw": "".join(self.raw), "malformed": list(self.malformed), "stop_reason": stop_reason,
+            "raw": "".join(self.tally.raw), "malformed": list(self.malformed), "stop_reason": stop_reason,
             "tokens": {"prompt": prompt_tokens, "reasoning": self.counts["analysis"],
                        "answer": self.counts["final"], "generated": self.n_tokens},
         }

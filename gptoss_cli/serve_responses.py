@@ -16,6 +16,7 @@ import json
 import time
 
 from . import serve_api as api
+from .config import MAX_TEMPERATURE
 from .harmony import Message
 from .serve_api import Delta, GenRequest, bad, new_id
 
@@ -71,7 +72,7 @@ def responses_request(body: dict) -> GenRequest:
     return GenRequest(
         api.conversation(history, instructions, api.effort_field(reasoning.get("effort"), "reasoning.effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=api.int_field(body, "max_output_tokens", 1), temperature=api.number_field(body, "temperature", 1.0, 0, 2),
+        max_tokens=api.int_field(body, "max_output_tokens", 1), temperature=api.number_field(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
         top_p=api.number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=api.int_field(body, "seed"),
         stream=api.bool_field(body, "stream"), ignore_eos=api.bool_field(body, "ignore_eos"))
 

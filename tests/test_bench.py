@@ -8,6 +8,9 @@ import csv
 import io
 import json
 import math
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -212,6 +215,40 @@ def test_table_is_the_default_and_output_file_gets_json(tmp_path):
     assert "decode tok/s" in r.stdout and "RANDOM weights" in r.stdout and "CUDA graph off" in r.stdout
     saved = json.loads(out.read_text())
     assert saved["results"][0]["prompt_len"] == 6
+
+
+def _shown(text: str) -> list[str]:
+    from rich.cells import cell_len
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\]8;[^\x1b]*\x1b\\", "", text)
+    return [line for line in plain.splitlines() if cell_len(line) > 80 or "…" in line]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_default_table_fits_80_columns(sweep, monkeypatch, terminal):
+    """llama-bench's habit: the essentials (prefill, TTFT, decode, roofline) in 80 columns, in an
+    80-column terminal and through a pipe; with figures 100 times these too, no cell is cut."""
+    monkeypatch.setenv("COLUMNS", "80")
+    if terminal:
+        monkeypatch.setenv("FORCE_COLOR", "1")
+    for result in (sweep, _scaled(sweep, 100.0)):
+        buf = io.StringIO()
+        benchstats.emit(result, "table", buf)
+        out = buf.getvalue()
+        assert not _shown(out), "\n".join(_shown(out))
+        for label in ("prompt", "batch", "depth", "prefill tok/s", "TTFT ms", "decode tok/s", "roofline"):
+            assert label in out
+        assert "--verbose" in out and "RANDOM weights" in out
+
+
+def test_verbose_and_the_file_formats_keep_every_figure(sweep):
+    buf = io.StringIO()
+    benchstats.emit(sweep, "table", buf, verbose=True)
+    for f in benchstats.FIGURES:
+        assert f.label in buf.getvalue()
+    r = subprocess.run([sys.executable, "-m", "gptoss_cli", "bench", *QUICK, "-v"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ITL p99 ms" in r.stdout and "peak mem GB" in r.stdout, r.stderr
 
 
 def test_model_folder_is_benchmarked_and_called_random(tiny_full):

@@ -15,6 +15,7 @@ pexpect = pytest.importorskip("pexpect")
 
 from gptoss_cli.chat import PROMPT_JSON_SCHEMA  # noqa: E402
 from gptoss_cli.chat_session import ChatSession, Settings  # noqa: E402
+from gptoss_cli.chat_view import stats_line  # noqa: E402
 from gptoss_cli.engine import Engine  # noqa: E402
 from gptoss_cli.harmony import Conversation  # noqa: E402
 
@@ -119,12 +120,13 @@ def test_bad_options_get_one_line(tmp_path, args, words):
     (["--device", "tpu"], ["'--device'", "auto, cpu, cuda, cuda:N"]),
 ])
 def test_a_value_outside_an_options_choices_is_a_usage_error(tmp_path, args, words):
-    """Options with fixed values are Typer choices: --help lists them, a wrong one is Typer's
-    usage error (exit 2) naming the option and the values it takes, before any model loads."""
+    """Options with fixed values are Typer choices: --help lists them, a wrong one is a usage
+    error (exit 2) in one line naming the option and the values it takes, before any model loads."""
     r = _chat(tmp_path, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    text = " ".join(" ".join(line.strip(" │╭╮╰╯─") for line in r.stderr.splitlines()).split())
-    assert "Invalid value for" in text and all(w in text for w in words), r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: invalid value for"), r.stderr
+    assert all(w in lines[0] for w in words), r.stderr
 
 
 def test_help_lists_the_choices(tmp_path):
@@ -292,3 +294,65 @@ def test_ctrl_c_during_a_reply_keeps_the_session(tiny_full, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_json_keeps_every_character_the_plain_answer_prints(tiny_full, tmp_path):
+    """Noise opens messages after headers the parser cannot read: their text went to stdout but
+    into no field of --json. Now raw (not well-formed), answer and other hold all of stdout."""
+    from collections import Counter
+
+    common = ["--model", str(tiny_full), "--prompt", "hi", "--max-tokens", "400", "--seed", "1", "--device", "cpu"]
+    plain = _chat(tmp_path, *common)
+    data = _chat(tmp_path, *common, "--json")
+    assert plain.returncode == data.returncode == 0, plain.stderr + data.stderr
+    out = json.loads(data.stdout)
+    printed = Counter("".join(plain.stdout.split()))
+    kept = Counter("".join((out["raw"] + out["answer"] + out.get("other", "")).split()))
+    assert printed == kept and sum(printed.values()) > 1000
+    assert "not Harmony" in plain.stderr                 # noise: the case this is about
+
+
+def test_a_reply_that_fills_the_context_says_so(tiny_full, tmp_path):
+    common = ["--model", str(tiny_full), "--device", "cpu", "--context", "120", "--max-tokens", "500", "--prompt", "hi",
+              "--seed", "1"]
+    r = _chat(tmp_path, *common)
+    assert r.returncode == 0, r.stderr
+    assert "context 120/120" in r.stderr and "filled the context (120 tokens)" in r.stderr
+    r = _chat(tmp_path, *common, "--json")
+    assert json.loads(r.stdout)["stop_reason"] == "context"
+
+
+def test_tokens_outside_reasoning_and_answer_are_counted_and_shown(tiny_full):
+    """Random weights write noise, i.e. text outside Harmony's channels: the stats line says how
+    much, instead of "reasoning 0 · answer 0 tokens"; and every token is counted once."""
+    engine = Engine.load(tiny_full, device="cpu", dtype="float32")
+    session = ChatSession(engine, Conversation(current_date="2026-01-01"), Settings(max_tokens=40, seed=1))
+    stats = session.respond("hello").stats
+    assert stats["reasoning_tokens"] + stats["answer_tokens"] + stats["other_tokens"] == stats["generated_tokens"] == 40
+    assert stats["other_tokens"] > 0
+    assert f"other {stats['other_tokens']:,} tokens" in stats_line(stats)
+
+
+def test_a_well_formed_reply_has_no_other_tokens(tiny_full):
+    """A message's header tokens count with the message. Random weights never write Harmony, so
+    the engine runs for real and its tokens are swapped for those a trained model writes."""
+    text = ("<|channel|>analysis<|message|>let me think<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>4<|return|>")
+    engine = Engine.load(tiny_full, device="cpu", dtype="float32")
+    forced = engine.tokenizer.encode(text, allowed_special="all")
+
+    class Trained:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, prompt, max_new_tokens, **kw):
+            for tok, _ in zip(forced, engine.generate(prompt, max_new_tokens=len(forced), **kw)):
+                yield tok
+            engine.last_stats.stop_reason = "stop"
+
+    session = ChatSession(Trained(), Conversation(current_date="2026-01-01"), Settings(max_tokens=64))
+    turn = session.respond("2+2?")
+    assert (turn.reasoning, turn.answer, turn.raw) == ("let me think", "4", "")
+    assert turn.stats["other_tokens"] == 0
+    assert turn.stats["reasoning_tokens"] + turn.stats["answer_tokens"] == len(forced)
+    assert "other" not in stats_line(turn.stats)

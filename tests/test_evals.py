@@ -78,9 +78,8 @@ def test_every_builtin_suite_runs(full_run):
         assert name in result.stdout
 
 
-def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch):
-    args, out, _ = full_run
-    partial_path = tmp_path / "partial.json"
+def _ctrl_c_at_the_second_sample(monkeypatch):
+    """The user's Ctrl-C, as the second sample starts."""
     real, calls = evals.run_sample, []
 
     def interrupt_second(*a, **kw):
@@ -90,14 +89,42 @@ def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch)
         return real(*a, **kw)
 
     monkeypatch.setattr(evals, "run_sample", interrupt_second)
+
+
+def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch):
+    args, out, _ = full_run
+    partial_path = tmp_path / "partial.json"
+    _ctrl_c_at_the_second_sample(monkeypatch)
     result = invoke(*args, "--output", partial_path)
     assert result.exit_code == 130
-    assert "1 of 11 samples are saved; run the same command again to resume" in result.output
+    assert f"1 of 11 samples are saved in {partial_path}; run the same command again to resume" in result.output
     partial = json.loads(partial_path.read_text())
     assert partial["gate"]["failures"] == ["incomplete"] and not partial["gate"]["passed"]
     full = json.loads(out.read_text())
     # a second run gives the same first sample as the first run did
     assert without_timing(partial["samples"]) == without_timing(full["samples"][:1])
+
+
+def test_interrupted_run_without_output_says_nothing_was_saved(full_run, tmp_path, monkeypatch):
+    """Without --output there is no file to resume from: the message must not promise one."""
+    args, _, _ = full_run
+    _ctrl_c_at_the_second_sample(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 130
+    assert "stopped after 1 of 11 samples; nothing was saved" in result.output and "--output" in result.output
+    assert "run the same command again" not in result.output
+    assert list(tmp_path.iterdir()) == []                       # and indeed nothing was written
+
+
+def test_random_weights_get_a_hint_about_max_tokens(tiny_full):
+    """Noise rarely stops: each answer of a random model runs to --max-tokens (2048 by default)."""
+    common = ["arithmetic", "--model", tiny_full, "--device", "cpu", "--limit", "1"]
+    result = invoke(*common, "--max-tokens", "100")
+    assert result.exit_code == 0, result.output
+    assert "each answer runs to --max-tokens (100 tokens)" in result.output and "-n 64" in result.output
+    quick = invoke(*common, "--max-tokens", "64")
+    assert quick.exit_code == 0 and "runs to --max-tokens" not in quick.output
 
 
 def test_resume_runs_only_missing_samples_and_gives_the_same_report(full_run, tmp_path):

@@ -23,6 +23,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -362,12 +363,22 @@ inline int threads_for(int asked, int64_t work) {
 // Worker threads kept between calls, asleep on a condition variable when there is no work (so
 // nothing spins on a shared machine): starting and joining a thread per parallel phase cost
 // about 45 us each here, ~100 times a 24-layer decode step. One parallel() runs at a time (a
-// second caller waits); the caller runs part 0 itself. After a fork the child starts a fresh
-// pool (the parent's threads do not exist there; the old pool is left behind, not destroyed).
+// second caller waits). After a fork the child starts a fresh pool (the parent's threads do not
+// exist there; the old pool is left behind, not destroyed).
+//
+// A phase is cut into PARTS_PER_THREAD parts per thread, claimed one at a time from a shared
+// counter by the caller and by the workers that are running. On a machine that another process
+// also uses, a woken worker may not get a core for a whole time slice (milliseconds); with a
+// fixed share per thread the phase waited for it (issue 26: 4-26x slower than one thread).
+// Here the caller takes the parts nobody has started, and waits only for parts in progress.
+constexpr int PARTS_PER_THREAD = 4;
+
 class Pool {
   public:
-    void run(int n, const std::function<void(int)>& fn) {
+    // fn(part) for every part in [0, parts), on the caller and up to n - 1 workers.
+    void run(int n, int parts, const std::function<void(int)>& fn) {
         std::lock_guard<std::mutex> one_call(call_mu_);
+        uint32_t gen;
         {
             std::lock_guard<std::mutex> lock(mu_);
             while (int(workers_.size()) < n - 1) {
@@ -375,39 +386,58 @@ class Pool {
                 workers_.emplace_back([this, id] { work(id); });
             }
             job_ = &fn;
-            parts_ = n;
-            remaining_ = n - 1;
-            ++generation_;
+            parts_ = parts;
+            helpers_ = n - 1;
+            gen = uint32_t(++generation_);
+            done_.store(0);
+            claim_.store(uint64_t(gen) << 32);
         }
         wake_.notify_all();
-        fn(0);
+        drain(gen, parts, fn);
         std::unique_lock<std::mutex> lock(mu_);
-        done_.wait(lock, [this] { return remaining_ == 0; });
+        finished_.wait(lock, [&] { return done_.load() == parts; });
         job_ = nullptr;
     }
 
   private:
+    // Claim and run parts of job ``gen`` until none is left. A part is claimed before the job is
+    // touched, so a worker that wakes after the job ended (its generation is gone) touches nothing.
+    void drain(uint32_t gen, int parts, const std::function<void(int)>& fn) {
+        uint64_t cur = claim_.load();
+        while (uint32_t(cur >> 32) == gen && int(uint32_t(cur)) < parts) {
+            if (!claim_.compare_exchange_weak(cur, cur + 1)) continue;   // cur reloaded
+            fn(int(uint32_t(cur)));
+            if (done_.fetch_add(1) + 1 == parts) {
+                std::lock_guard<std::mutex> lock(mu_);
+                finished_.notify_one();
+            }
+            cur = claim_.load();
+        }
+    }
+
     void work(int id) {
         int64_t seen = 0;
         std::unique_lock<std::mutex> lock(mu_);
         for (;;) {
             wake_.wait(lock, [&] { return generation_ != seen; });
             seen = generation_;
-            if (id >= parts_) continue;          // a job with fewer parts than workers
+            if (id > helpers_ || job_ == nullptr) continue;   // a job with fewer threads, or over
             const std::function<void(int)>* job = job_;
+            const int parts = parts_;
             lock.unlock();
-            (*job)(id);
+            drain(uint32_t(seen), parts, *job);
             lock.lock();
-            if (--remaining_ == 0) done_.notify_one();
         }
     }
 
     std::mutex call_mu_, mu_;
-    std::condition_variable wake_, done_;
+    std::condition_variable wake_, finished_;
     std::vector<std::thread> workers_;
     const std::function<void(int)>* job_ = nullptr;
-    int parts_ = 0, remaining_ = 0;
+    int parts_ = 0, helpers_ = 0;
     int64_t generation_ = 0;
+    std::atomic<uint64_t> claim_{0};   // generation << 32 | next part to claim
+    std::atomic<int> done_{0};         // parts finished in the current job
 };
 
 Pool* the_pool = nullptr;   // made at first use, never destroyed (its threads may be waiting)
@@ -423,10 +453,22 @@ Pool& pool() {
     return *the_pool;
 }
 
+// fn(part, parts) for each part of a phase, on up to n_threads threads; ``max_parts`` caps the
+// parts where the work has fewer natural items. fn must write only what its part owns.
 template <class Fn>
-void parallel(int n_threads, Fn fn) {
-    if (n_threads <= 1) return fn(0);
-    pool().run(n_threads, std::function<void(int)>(fn));
+void parallel(int n_threads, Fn fn, int64_t max_parts = int64_t(1) << 30) {
+    if (n_threads <= 1) return fn(0, 1);
+    const int parts = int(std::max<int64_t>(1, std::min<int64_t>(max_parts, int64_t(n_threads) * PARTS_PER_THREAD)));
+    pool().run(n_threads, parts, std::function<void(int)>([&](int part) { fn(part, parts); }));
+}
+
+// A per-thread scratch buffer of at least n elements, kept between calls (a phase runs several
+// parts on each thread; allocating per part would fault fresh pages in each time).
+template <class T, int Tag>
+T* scratch(size_t n) {
+    thread_local std::vector<T> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
 }
 
 struct Expert {
@@ -486,9 +528,9 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
             for (int64_t c = 0; c < D; ++c) xpb[t * LD + grouped(c)] = to_bf16(x[t * D + c]);
 
     // phase 1: h = W1 x + b1 on pairs of rows (gate 2f, linear 2f+1), a = SwiGLU(h)
-    parallel(n_threads, [&](int tid) {
-        const int64_t p0 = F * tid / n_threads, p1 = F * (tid + 1) / n_threads;
-        std::vector<float> tile(size_t(NR * D));
+    parallel(n_threads, [&](int part, int parts) {
+        const int64_t p0 = F * part / parts, p1 = F * (part + 1) / parts;
+        float* tile = scratch<float, 1>(size_t(NR * D));
         float h[NT][NR];
         const float* xs[NT];
         const uint16_t* xbs[NT];
@@ -502,14 +544,14 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
                 const uint8_t* rs = scl + 2 * p * GD;
                 const bool tiled = n > 2;
                 if (tiled)
-                    for (int r = 0; r < R; ++r) decode_row(rb + r * GD * 16, rs + r * GD, GD, tile.data() + r * D);
+                    for (int r = 0; r < R; ++r) decode_row(rb + r * GD * 16, rs + r * GD, GD, tile + r * D);
                 for (int64_t t0 = 0; t0 < n; t0 += NT) {
                     const int T = int(std::min<int64_t>(NT, n - t0));
                     for (int t = 0; t < T; ++t) {
                         xs[t] = xp.data() + ex.tokens[t0 + t] * D;
                         if (bf16_dots) xbs[t] = xpb.data() + ex.tokens[t0 + t] * LD;
                     }
-                    expert_dots(T, R, xs, bf16_dots ? xbs : nullptr, rb, rs, GD, tile.data(), tiled, h);
+                    expert_dots(T, R, xs, bf16_dots ? xbs : nullptr, rb, rs, GD, tile, tiled, h);
                     for (int t = 0; t < T; ++t)
                         for (int r = 0; r < R; r += 2) {
                             const int64_t f = p + r / 2;
@@ -530,9 +572,9 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
         for (int64_t s = 0; s < slots; ++s)
             for (int64_t f = 0; f < F; ++f) actb[s * LF + grouped(f)] = to_bf16(act[s * F + permuted(f)]);
     std::fill(out, out + N * D, 0.0f);
-    parallel(n_threads, [&](int tid) {
-        const int64_t r0 = D * tid / n_threads, r1 = D * (tid + 1) / n_threads;
-        std::vector<float> tile(size_t(NR * F));
+    parallel(n_threads, [&](int part, int parts) {
+        const int64_t r0 = D * part / parts, r1 = D * (part + 1) / parts;
+        float* tile = scratch<float, 2>(size_t(NR * F));
         float y[NT][NR];
         const float* as[NT];
         const uint16_t* abs_[NT];
@@ -544,14 +586,14 @@ int gptoss_moe(const float* x, int64_t N, int64_t D, int64_t F, int64_t E,
                 const uint8_t* rs = w2_scales + (ex.id * D + row) * GF;
                 const bool tiled = n > 2;
                 if (tiled)
-                    for (int r = 0; r < R; ++r) decode_row(rb + r * GF * 16, rs + r * GF, GF, tile.data() + r * F);
+                    for (int r = 0; r < R; ++r) decode_row(rb + r * GF * 16, rs + r * GF, GF, tile + r * F);
                 for (int64_t t0 = 0; t0 < n; t0 += NT) {
                     const int T = int(std::min<int64_t>(NT, n - t0));
                     for (int t = 0; t < T; ++t) {
                         as[t] = ex.act + (t0 + t) * F;
                         if (bf16_dots) abs_[t] = actb.data() + ((ex.act - act.data()) / F + t0 + t) * LF;
                     }
-                    expert_dots(T, R, as, bf16_dots ? abs_ : nullptr, rb, rs, GF, tile.data(), tiled, y);
+                    expert_dots(T, R, as, bf16_dots ? abs_ : nullptr, rb, rs, GF, tile, tiled, y);
                     for (int t = 0; t < T; ++t)
                         for (int r = 0; r < R; ++r) {
                             const float b = bias_at(w2_bias, bias_bf16, ex.id * D + row + r);
@@ -579,8 +621,8 @@ int gptoss_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
 #else
     const bool native_bf16 = false;
 #endif
-    parallel(n_threads, [&](int tid) {
-        const int64_t r0 = O * tid / n_threads, r1 = O * (tid + 1) / n_threads;
+    parallel(n_threads, [&](int part, int parts) {
+        const int64_t r0 = O * part / parts, r1 = O * (part + 1) / parts;
         float acc[NT][NR];
         const float* xs[NT];
         const uint16_t* xbs[NT];
@@ -816,12 +858,15 @@ void attend_all(const AttnCall& a, int n_threads) {
     const int64_t G = a.H / a.K, items = a.B * a.K * a.T;
     const int64_t keys = a.window > 0 ? std::min(a.S, a.window) : a.S;
     n_threads = int(std::min<int64_t>(threads_for(n_threads, a.B * a.T * a.H * keys * a.dh * 2), items));
-    parallel(n_threads, [&](int tid) {
-        AttnScratch w{std::vector<int64_t>(size_t(a.S)), std::vector<float>(size_t(G * a.dh)),
-                      std::vector<float>(size_t(G * a.S)), std::vector<float>(size_t(G * a.dh))};
-        for (int64_t i = items * tid / n_threads; i < items * (tid + 1) / n_threads; ++i)
+    parallel(n_threads, [&](int part, int parts) {
+        thread_local AttnScratch w;
+        w.slots.resize(size_t(a.S));
+        w.q.resize(size_t(G * a.dh));
+        w.p.resize(size_t(G * a.S));
+        w.o.resize(size_t(G * a.dh));
+        for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i)
             attend_item<X>(a, i / (a.K * a.T), i / a.T % a.K, i % a.T, w);   // i = (b K + kh) T + t
-    });
+    }, items);
 }
 
 }  // namespace
