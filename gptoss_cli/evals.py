@@ -185,18 +185,13 @@ def perplexity_nll(engine, tokens: list[int], window: int, stride: int) -> tuple
     tokens no earlier window scored (the first token, with no context, is never scored). This is
     transformers' strided perplexity ("Perplexity of fixed-length models"); with stride =
     window/2 it is close to llama.cpp's perplexity tool, which scores each chunk's second half."""
-    import torch
-
     nll, scored, prev_end = 0.0, 0, 0
     for begin in range(0, len(tokens), stride):
         end = min(begin + window, len(tokens))
         first = max(prev_end, begin + 1)             # first target position scored in this window
         if first < end:
-            logits = engine.logits(tokens[begin:end])                    # [end - begin, vocab]
-            rows = logits[first - 1 - begin:end - 1 - begin]             # predictions of first..end-1
-            targets = torch.tensor(tokens[first:end]).unsqueeze(1)               # [n, 1]
-            lse = rows.logsumexp(dim=-1)
-            nll += float((lse - rows.gather(1, targets).squeeze(1)).double().sum())
+            logprobs, _, _ = engine.prompt_logprobs(tokens[begin:end])   # [end - begin - 1]: of tokens begin+1..
+            nll -= float(logprobs[first - 1 - begin:end - 1 - begin].double().sum())
             scored += end - first
         prev_end = end
         if end == len(tokens):
