@@ -21,6 +21,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from .errors import GptossError
+from .records import context_record, graded_record
 
 TIMEOUT_S = 3600.0   # per read: a non-streaming reply of thousands of tokens on a slow server
 
@@ -176,8 +177,6 @@ class EvalTarget:
 
     def run_sample(self, suite, problem, effort: str, index: int, seed: int, temperature: float,
                    max_tokens: int) -> dict:
-        from .evals import context_record, graded_record
-
         body = chat_body(problem, effort, seed, temperature, max_tokens, self.date)
         t0 = time.perf_counter()
         try:
