@@ -364,6 +364,11 @@ class StreamParser:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stopped = False
 
+    @property
+    def current(self) -> MessageStart | None:
+        """The header of the message whose text is being read, if any."""
+        return self._start
+
     def feed(self, token_id: int) -> list[Event]:
         """Consume one generated token; return what it completed, in order."""
         self.tokens.append(token_id)
