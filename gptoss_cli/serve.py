@@ -358,7 +358,7 @@ class Server:
         logprobs = req.sampling.logprobs
 
         def builder(choice: int) -> TextBuilder:
-            return TextBuilder(self.tokenizer, req.stop, choice, req.skip_special_tokens, logprobs)
+            return TextBuilder(self.tokenizer, req.stop, choice, req.skip_special_tokens, logprobs, req.tokens_as_ids)
         job = self._submit("cmpl-", req, prompts, builder)
         if not req.stream:
             _, dones = await self._collect(request, job)

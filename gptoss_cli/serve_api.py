@@ -54,6 +54,7 @@ class GenRequest:
     prompts: list = field(default_factory=list)   # completions: each prompt as text or token ids
     echo: bool = False                # completions: the prompt comes back before the completion
     skip_special_tokens: bool = True  # completions: special tokens are left out of the text
+    tokens_as_ids: bool = False       # completions: logprobs name tokens token_id:N (vLLM's)
 
 
 def effort_field(value, param: str) -> str:

@@ -3,7 +3,8 @@
 ``/v1/completions`` continues a prompt as it is, with no Harmony rendering: the prompt is text
 (special tokens written as text, ``<|start|>``, are read as those tokens, as vLLM's tokenizer
 reads them) or token ids, one or a list of them. ``logprobs: k`` gives each generated token's
-log-probability and the k most likely; ``echo`` puts the prompt before the completion, with its
+log-probability and the k most likely (tokens named ``token_id:N`` with vLLM's
+``return_tokens_as_token_ids``); ``echo`` puts the prompt before the completion, with its
 tokens' log-probabilities (the first token has none: nothing comes before it). That is what
 log-likelihood evaluations (lm-evaluation-harness's ``local-completions``: MMLU, HellaSwag, ARC)
 ask for, with ``max_tokens`` 1 or 0. The prompt's figures come from ``Engine.prompt_logprobs`` on a
@@ -72,12 +73,13 @@ def completion_request(body: dict, encoding, vocab_size: int) -> tuple[GenReques
     skip = body.get("skip_special_tokens", True)
     if not isinstance(skip, bool):
         raise bad("'skip_special_tokens' must be true or false", "skip_special_tokens")
+    as_ids = bool_field(body, "return_tokens_as_token_ids")
     req = GenRequest(
         None, max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         sampling=sampling_fields(body, vocab_size, logprobs), seed=int_field(body, "seed"),
         stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
         include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"),
-        n=n_field(body), prompts=prompts, echo=echo, skip_special_tokens=skip)
+        n=n_field(body), prompts=prompts, echo=echo, skip_special_tokens=skip, tokens_as_ids=as_ids)
     return req, prompts
 
 
@@ -86,8 +88,9 @@ class TextBuilder:
     back as ``StopMatcher`` does) and, when asked for, each token's logprob entry (token, logprob,
     top logprobs, text offset), carried by the delta that carries its text."""
 
-    def __init__(self, encoding, stops: list[str], choice: int, skip_special: bool, logprobs: int | None):
-        self.encoding, self.choice, self.skip = encoding, choice, skip_special
+    def __init__(self, encoding, stops: list[str], choice: int, skip_special: bool, logprobs: int | None,
+                 as_ids: bool = False):
+        self.encoding, self.choice, self.skip, self.as_ids = encoding, choice, skip_special, as_ids
         self.want_logprobs = logprobs is not None
         self.text: list[str] = []
         self.entries: list[tuple] = []       # (token, logprob, top dict, text offset), all sent
@@ -139,13 +142,16 @@ class TextBuilder:
         self.entries += entries
         return [Delta("content", text, choice=self.choice, logprobs=entries)]
 
+    def _name(self, tok: int) -> str:
+        return f"token_id:{tok}" if self.as_ids else token_text(self.encoding, tok)[0]
+
     def _entry(self, tok: int, logprob: float | None, top) -> None:
-        name = token_text(self.encoding, tok)[0]
+        name = self._name(tok)
         top_dict = None
         if logprob is not None:
             top_dict = {}
             for t, lp in top:                       # the most likely first; the token itself too
-                top_dict.setdefault(token_text(self.encoding, t)[0], lp)
+                top_dict.setdefault(self._name(t), lp)
             top_dict.setdefault(name, logprob)
         self._pending.append((name, logprob, top_dict, self._offset))
 
