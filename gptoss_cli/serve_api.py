@@ -38,8 +38,8 @@ CHAT_REFUSED = ("store", "audio", "modalities", "prediction", "web_search_option
 
 @dataclass
 class GenRequest:
-    """What to generate, whichever API asked: the conversation (or, for completions, the prompts)
-    and how to sample its reply."""
+    """What to generate, whichever API asked: the conversation (None for completions, whose
+    prompts are token ids already) and how to sample the reply."""
 
     conversation: Conversation | None = None
     max_tokens: int | None = None     # None: as many as the context has room for
@@ -51,7 +51,6 @@ class GenRequest:
     ignore_eos: bool = False          # vLLM's and SGLang's extension, for benchmarks
     n: int = 1                        # choices per prompt
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
-    prompts: list = field(default_factory=list)   # completions: each prompt as text or token ids
     echo: bool = False                # completions: the prompt comes back before the completion
     skip_special_tokens: bool = True  # completions: special tokens are left out of the text
     tokens_as_ids: bool = False       # completions: logprobs name tokens token_id:N (vLLM's)

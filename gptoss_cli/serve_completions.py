@@ -79,7 +79,7 @@ def completion_request(body: dict, encoding, vocab_size: int) -> tuple[GenReques
         sampling=sampling_fields(body, vocab_size, logprobs), seed=int_field(body, "seed"),
         stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
         include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"),
-        n=n_field(body), prompts=prompts, echo=echo, skip_special_tokens=skip, tokens_as_ids=as_ids)
+        n=n_field(body), echo=echo, skip_special_tokens=skip, tokens_as_ids=as_ids)
     return req, prompts
 
 
