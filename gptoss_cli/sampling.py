@@ -131,28 +131,52 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(_draw_index(weights, generator))
 
 
+class _Ids:
+    """A growing list of token ids kept on the device (appending launches no transfer back)."""
+
+    def __init__(self, ids: Sequence[int], device: torch.device):
+        self.n = len(ids)
+        self.buf = torch.empty(max(64, 2 * self.n), dtype=torch.long, device=device)
+        self.buf[:self.n] = torch.tensor(list(ids), dtype=torch.long)
+
+    def append(self, tok: int) -> None:
+        if self.n == len(self.buf):
+            self.buf = torch.cat([self.buf, torch.empty_like(self.buf)])
+        self.buf[self.n] = tok
+        self.n += 1
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:self.n]
+
+
 class Sampler:
-    """The sampler of one generation: ``params`` over the tokens so far, one transfer per token."""
+    """The sampler of one generation: ``params`` over the tokens so far, one transfer per token.
+
+    The adjustments touch only the ids concerned (the bias's, those seen so far), on one copy of
+    the logits: a few microseconds, where a pass over the whole vocabulary per penalty cost more
+    than a millisecond per token on a CPU."""
 
     def __init__(self, params: SamplingParams, prompt: Sequence[int], vocab_size: int, device: torch.device,
                  generator: torch.Generator | None, constraint: Constraint | None = None):
         self.p, self.generator, self.constraint = params, generator, constraint
         self.generated: list[int] = []
-        self.counts = self.seen = self.bias_ids = None
+        self.counts = self.gen_ids = self.seen_ids = self.bias_ids = None
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)        # [V]
+            self.gen_ids = _Ids([], device)
         if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)             # [V]
-            self.seen[torch.tensor(sorted(set(prompt)), dtype=torch.long, device=device)] = True
+            self.seen_ids = _Ids(sorted(set(prompt)), device)        # prompt and generated, repeats allowed
         if params.logit_bias:
             ids = sorted(params.logit_bias)
             self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
             self.bias_vals = torch.tensor([params.logit_bias[i] for i in ids], dtype=torch.float32, device=device)
+        self._adjusts = (self.counts is not None or self.seen_ids is not None or self.bias_ids is not None
+                         or constraint is not None)
 
     def __call__(self, logits: torch.Tensor) -> Step:
         """Choose the next token from float32 logits [V] and remember it."""
         p = self.p
-        x = self._adjusted(logits)
+        x = self._adjusted(logits) if self._adjusts else logits
         chosen = _choose(x, p.temperature, p.top_p, p.top_k, p.min_p, self.generator)      # 0-d
         if p.logprobs is None:
             step = Step(int(chosen))
@@ -169,26 +193,29 @@ class Sampler:
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after bias, penalties and the constraint's mask (``logits`` is not changed)."""
-        x = logits
+        x = logits.clone()
         if self.bias_ids is not None:
-            x = x.index_add(0, self.bias_ids, self.bias_vals)
-        if self.seen is not None:
-            r = self.p.repetition_penalty
-            x = torch.where(self.seen, torch.where(x > 0, x / r, x * r), x)
-        if self.counts is not None:
-            x = x - self.p.frequency_penalty * self.counts - self.p.presence_penalty * (self.counts > 0)
+            x.index_add_(0, self.bias_ids, self.bias_vals)
+        if self.seen_ids is not None:                 # repeated ids write the same value
+            ids, r = self.seen_ids.view(), self.p.repetition_penalty
+            v = x[ids]
+            x.index_copy_(0, ids, torch.where(v > 0, v / r, v * r))
+        if self.counts is not None and self.generated:
+            ids = self.gen_ids.view()
+            x.index_copy_(0, ids, x[ids] - self.p.frequency_penalty * self.counts[ids] - self.p.presence_penalty)
         mask = self.constraint(self.generated) if self.constraint is not None else None
         if mask is not None:
             ids = torch.tensor(list(mask.ids), dtype=torch.long, device=x.device)
             if mask.allow:
-                x = torch.full_like(x, float("-inf")).index_copy(0, ids, x[ids])
+                x = torch.full_like(x, float("-inf")).index_copy_(0, ids, x[ids])
             else:
-                x = x.index_fill(0, ids, float("-inf"))
+                x.index_fill_(0, ids, float("-inf"))
         return x
 
     def _remember(self, tok: int) -> None:
         self.generated.append(tok)
         if self.counts is not None:
             self.counts[tok] += 1
-        if self.seen is not None:
-            self.seen[tok] = True
+            self.gen_ids.append(tok)
+        if self.seen_ids is not None:
+            self.seen_ids.append(tok)
