@@ -330,25 +330,28 @@ class Server:
             return await self._json(chat_completion(job.id, self.model_name, dones, logprobs))
         first = await self._first(request, job)
         chunks = ChatChunks(job.id, self.model_name)
+        return self._stream(self._chunk_events(job, first, chunks, req.include_usage, roles=True))
 
-        async def lines():
-            begun, dones = set(), []
-            async for item in self._events(job, first):
-                choice = 0 if isinstance(item, Started) else getattr(item, "choice", None)
-                if choice is not None and choice not in begun:
-                    begun.add(choice)
-                    yield sse(chunks.first(choice))
-                if isinstance(item, Delta):
-                    yield sse(chunks.of(item))
-                elif isinstance(item, Done):
-                    dones.append(item)
-                    yield sse(chunks.last(item))
-                elif isinstance(item, End) and item.error:
-                    yield sse(item.api_error().body())
-                elif isinstance(item, End) and req.include_usage and dones:
-                    yield sse(chunks.usage(dones))
-            yield sse("[DONE]")
-        return self._stream(lines())
+    async def _chunk_events(self, job: Job, first, chunks, include_usage: bool, roles: bool):
+        """A chat or completions stream (``chunks``: ``ChatChunks`` or ``CompletionChunks``): each
+        delta, each choice's finish, usage if asked for, ``[DONE]``; chat opens each choice with
+        its role. A job that fails or is stopped ends with its error object, then ``[DONE]``."""
+        begun, dones = set(), []
+        async for item in self._events(job, first):
+            choice = 0 if isinstance(item, Started) else getattr(item, "choice", None)
+            if roles and choice is not None and choice not in begun:
+                begun.add(choice)
+                yield sse(chunks.first(choice))
+            if isinstance(item, Delta):
+                yield sse(chunks.of(item))
+            elif isinstance(item, Done):
+                dones.append(item)
+                yield sse(chunks.last(item))
+            elif isinstance(item, End) and item.error:
+                yield sse(item.api_error().body())
+            elif isinstance(item, End) and include_usage and dones:
+                yield sse(chunks.usage(dones))
+        yield sse("[DONE]")
 
     async def completions(self, request):
         return await self._guarded(request, self._completions)
@@ -365,21 +368,7 @@ class Server:
             return await self._json(completion(job.id, self.model_name, sorted(dones, key=lambda d: d.choice)))
         first = await self._first(request, job)
         chunks = CompletionChunks(job.id, self.model_name, logprobs is not None)
-
-        async def lines():
-            dones = []
-            async for item in self._events(job, first):
-                if isinstance(item, Delta):
-                    yield sse(chunks.of(item))
-                elif isinstance(item, Done):
-                    dones.append(item)
-                    yield sse(chunks.last(item))
-                elif isinstance(item, End) and item.error:
-                    yield sse(item.api_error().body())
-                elif isinstance(item, End) and req.include_usage and dones:
-                    yield sse(chunks.usage(dones))
-            yield sse("[DONE]")
-        return self._stream(lines())
+        return self._stream(self._chunk_events(job, first, chunks, req.include_usage, roles=False))
 
     async def responses(self, request):
         return await self._guarded(request, self._responses)

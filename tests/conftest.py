@@ -140,6 +140,25 @@ def start_server(engine, **kw):
     return server, uv, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
+def launch_serve(folder, *args: str):
+    """``gptoss serve`` as a user runs it, on a free port: (process, its startup line, base URL)."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(folder), "--port", "0",
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    while not any("gptoss serve:" in x for x in lines):
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("gptoss serve did not start:\n" + "".join(lines))
+        lines.append(line)
+    return proc, lines[-1], re.search(r"(http://\S+/v1)", lines[-1]).group(1)
+
+
 def stop_server(server, uv) -> None:
     uv.should_exit = True
     uv.thread.join(10)

@@ -11,11 +11,8 @@ reply, fed through the same ``ReplyBuilder`` the server runs, and validated with
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -32,7 +29,7 @@ from gptoss_cli.serve import bind  # noqa: E402
 from gptoss_cli.serve_api import ChatChunks, Done, ReplyBuilder, chat_completion  # noqa: E402
 from gptoss_cli.serve_responses import ResponseEvents  # noqa: E402
 
-from conftest import SERVED_CONTEXT as CONTEXT, SERVED_MODEL as MODEL  # noqa: E402
+from conftest import SERVED_CONTEXT as CONTEXT, SERVED_MODEL as MODEL, launch_serve  # noqa: E402
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": WEATHER}}]
@@ -322,20 +319,10 @@ def test_bad_requests_get_error_objects_and_the_server_keeps_serving(served, cli
 
 
 def test_serve_command_says_where_it_listens_and_wants_the_api_key(tiny_hf_single):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(tiny_hf_single), "--port", "0",
-                             "--context", "256", "--device", "cpu", "--api-key", "sekrit"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc, startup, url = launch_serve(tiny_hf_single, "--context", "256", "--api-key", "sekrit")
     try:
-        lines = []
-        while not any("gptoss serve:" in x for x in lines):
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        startup = lines[-1]
         assert "127.0.0.1" in startup and str(tiny_hf_single) in startup and "RANDOM weights" in startup
         assert "cpu" in startup and "API key required" in startup
-        url = re.search(r"(http://\S+/v1)", startup).group(1)
         r = httpx.get(url + "/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         ok = openai.OpenAI(base_url=url, api_key="sekrit", max_retries=0)

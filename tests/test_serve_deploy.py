@@ -4,32 +4,21 @@ with Prometheus's own client library."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import SERVED_MODEL as MODEL  # noqa: E402
+from conftest import SERVED_MODEL as MODEL, launch_serve  # noqa: E402
 
 ORIGIN = "http://app.example"
 
 
 def test_served_model_name_cors_and_max_body_from_the_command_line(tiny_hf_single):
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(tiny_hf_single), "--port", "0",
-                             "--context", "256", "--device", "cpu", "--served-model-name", "tiny-random",
-                             "--cors-origins", f"{ORIGIN}, http://other.example", "--max-body", "64KiB"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc, startup, url = launch_serve(tiny_hf_single, "--context", "256", "--served-model-name", "tiny-random",
+                                      "--cors-origins", f"{ORIGIN}, http://other.example", "--max-body", "64KiB")
     try:
-        startup = ""
-        while "gptoss serve:" not in startup:
-            startup = proc.stderr.readline()
-            assert startup, "the server did not start"
         assert "model tiny-random" in startup
-        url = re.search(r"(http://\S+/v1)", startup).group(1)
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny-random"]
         r = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}], max_tokens=1)

@@ -12,8 +12,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,7 +21,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from conftest import SERVED_MODEL as MODEL, start_server, stop_server  # noqa: E402
+from conftest import SERVED_MODEL as MODEL, launch_serve, start_server, stop_server  # noqa: E402
 from gptoss_cli import serve  # noqa: E402
 from gptoss_cli.engine import Engine  # noqa: E402
 
@@ -179,15 +177,8 @@ def _read_sse(lines) -> list:
 
 
 def test_ctrl_c_ends_streams_refuses_the_queue_and_exits_in_one_line(tiny_hf_single):
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(tiny_hf_single), "--port", "0",
-                             "--context", "8192", "--device", "cpu", "--served-model-name", MODEL],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc, _, url = launch_serve(tiny_hf_single, "--context", "8192", "--served-model-name", MODEL)
     try:
-        startup = ""
-        while "gptoss serve:" not in startup:
-            startup = proc.stderr.readline()
-            assert startup, "the server did not start"
-        url = re.search(r"(http://\S+/v1)", startup).group(1)
         out = {}
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 8000}
         began = threading.Event()
