@@ -1,9 +1,11 @@
 """The OpenAI wire formats of ``gptoss serve``: requests into Harmony, the model's output back out.
 
-This module knows JSON and Harmony, never the engine or the network: ``serve.py`` runs the model
-and the HTTP server, this turns a request body into a ``GenRequest`` (a Harmony ``Conversation``
-plus sampling settings) and the parsed output into Chat Completions objects and chunks
-(``serve_responses.py`` does the same for the Responses API).
+This module knows JSON and Harmony, never the engine or the network: ``serve_worker.py`` runs the
+model and ``serve.py`` the HTTP server; this turns a request body into a ``GenRequest`` (a Harmony
+``Conversation`` plus sampling settings, fields checked by ``serve_params.py``) and the parsed
+output into Chat Completions objects and chunks (``serve_responses.py`` does the same for the
+Responses API, ``serve_completions.py`` for raw completions). With ``logprobs``, the content's
+tokens carry their log-probabilities (``logprobs.content``), as OpenAI's chat API reports them.
 
 Mapping (as OpenAI's gpt-oss guide and vLLM do it): system and developer messages become Harmony's
 developer instructions (Harmony's own system message carries the identity, the date and the

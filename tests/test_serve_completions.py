@@ -139,6 +139,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+  cache_dir: {cache}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}} Answer:"
@@ -160,7 +161,7 @@ def test_lm_eval_local_completions_runs_a_local_loglikelihood_task(served, refer
     rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "label": 0}
             for a, b in [(2, 3), (4, 5), (7, 2)]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tiny_sums.yaml").write_text(TASK.format(data=data))
+    (tmp_path / "tiny_sums.yaml").write_text(TASK.format(data=data, cache=tmp_path / "datasets-cache"))
     _, url = served
     out = lm_eval.simple_evaluate(
         model="local-completions", tasks=["tiny_sums"], task_manager=TaskManager(include_path=str(tmp_path)),
