@@ -170,6 +170,7 @@ class Sampler:
             ids = sorted(params.logit_bias)
             self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
             self.bias_vals = torch.tensor([params.logit_bias[i] for i in ids], dtype=torch.float32, device=device)
+        self._masks: dict[tuple, torch.Tensor] = {}
         self._adjusts = (self.counts is not None or self.seen_ids is not None or self.bias_ids is not None
                          or constraint is not None)
 
@@ -205,7 +206,9 @@ class Sampler:
             x.index_copy_(0, ids, x[ids] - self.p.frequency_penalty * self.counts[ids] - self.p.presence_penalty)
         mask = self.constraint(self.generated) if self.constraint is not None else None
         if mask is not None:
-            ids = torch.tensor(list(mask.ids), dtype=torch.long, device=x.device)
+            key = tuple(mask.ids)               # a constraint has a few masks: each goes over once
+            if (ids := self._masks.get(key)) is None:
+                ids = self._masks[key] = torch.tensor(key, dtype=torch.long, device=x.device)
             if mask.allow:
                 x = torch.full_like(x, float("-inf")).index_copy_(0, ids, x[ids])
             else:
