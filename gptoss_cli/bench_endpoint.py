@@ -22,6 +22,11 @@ stream, with arrival times taken as each server-sent event is read:
 ``--warmup`` rounds run first, unmeasured; ``--repeat`` rounds are measured, and each figure is
 summarised (mean, std, median, values) over all streams of all measured rounds. The result says
 which endpoint and model it measured and the prompt tokens the server counted (``prompt_tokens``).
+
+A stream the server refuses with 429 (its queue is full) waits for the Retry-After the server
+asks for and tries again (``retries_429`` counts them; the stream is timed from the accepted
+attempt, so it overlaps the others less than C implies). If a level fails anyway, the levels that
+finished are still reported (``incomplete`` says where it stopped and why) before the error.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ import uuid
 
 from . import benchstats
 from .bench import int_list
+from .endpoint import Endpoint, EndpointError
 from .errors import GptossError
 
 SCHEMA = "gptoss-bench-endpoint/1"
+MAX_RETRIES = 10          # 429s a stream retries before the level fails
+MAX_RETRY_WAIT_S = 60.0
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work number night point home water "
          "room mother area money story fact month lot right study book eye job word business issue side kind").split()
@@ -52,22 +60,31 @@ def prompt_text(n_words: int, seed: int) -> str:
 
 
 def one_stream(endpoint, text: str, gen_tokens: int, start: threading.Barrier) -> dict:
-    """One streamed request, timed from the client side."""
+    """One streamed request, timed from the client side. A 429 (the server's queue is full) is
+    retried after its Retry-After, up to ``MAX_RETRIES`` times; the stream is timed from the
+    attempt that was accepted, and ``retries`` says how many were refused before it."""
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": gen_tokens, "ignore_eos": True,
             "temperature": 1.0}
     start.wait()
-    t0 = time.perf_counter()
-    arrivals, usage = [], {}
-    for t, chunk in endpoint.stream_chat(body):
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            d = choice.get("delta") or {}
-            if d.get("content") or d.get("reasoning_content") or d.get("reasoning") or d.get("tool_calls"):
-                arrivals.append(t)
-    end = time.perf_counter()
-    return {"t0": t0, "end": end, "arrivals": arrivals, "completion_tokens": usage.get("completion_tokens", 0),
-            "prompt_tokens": usage.get("prompt_tokens", 0)}
+    for retries in range(MAX_RETRIES + 1):
+        t0 = time.perf_counter()
+        arrivals, usage = [], {}
+        try:
+            for t, chunk in endpoint.stream_chat(body):
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    d = choice.get("delta") or {}
+                    if d.get("content") or d.get("reasoning_content") or d.get("reasoning") or d.get("tool_calls"):
+                        arrivals.append(t)
+        except EndpointError as e:
+            if e.status != 429 or retries == MAX_RETRIES:
+                raise
+            time.sleep(min(MAX_RETRY_WAIT_S, 1.0 if e.retry_after is None else e.retry_after))
+            continue
+        end = time.perf_counter()
+        return {"t0": t0, "end": end, "arrivals": arrivals, "completion_tokens": usage.get("completion_tokens", 0),
+                "prompt_tokens": usage.get("prompt_tokens", 0), "retries": retries}
 
 
 def one_round(endpoint, n_words: int, concurrency: int, gen_tokens: int, seed: int) -> list[dict]:
@@ -114,7 +131,7 @@ def measure(endpoint, P: int, C: int, gen_tokens: int, repeat: int, warmup: int,
     for w in range(warmup):
         bar.step(f"prompt {P} · concurrency {C} · warm-up {w + 1}/{warmup}")
         one_round(endpoint, P, C, gen_tokens, seed=1000 * (w + 1))
-    per_stream, totals, prompt_tokens, completion = {k: [] for k, _, _ in FIGURES[:-1]}, [], [], []
+    per_stream, totals, prompt_tokens, completion, retries = {k: [] for k, _, _ in FIGURES[:-1]}, [], [], [], 0
     for r in range(repeat):
         bar.step(f"prompt {P} · concurrency {C} · round {r + 1}/{repeat}")
         streams = one_round(endpoint, P, C, gen_tokens, seed=r)
@@ -126,8 +143,10 @@ def measure(endpoint, P: int, C: int, gen_tokens: int, repeat: int, warmup: int,
                     per_stream[k].append(v)
         prompt_tokens += [s["prompt_tokens"] for s in streams]
         completion += [s["completion_tokens"] for s in streams]
+        retries += sum(s["retries"] for s in streams)
     result = {"prompt_words": P, "concurrency": C, "gen_tokens": gen_tokens,
-              "prompt_tokens": benchstats.summarize(prompt_tokens), "completion_tokens": benchstats.summarize(completion)}
+              "prompt_tokens": benchstats.summarize(prompt_tokens), "completion_tokens": benchstats.summarize(completion),
+              "retries_429": retries}
     for k, values in per_stream.items():
         result[k] = benchstats.summarize(values) if values else None
     result["total_tok_s"] = benchstats.summarize(totals)
@@ -136,8 +155,6 @@ def measure(endpoint, P: int, C: int, gen_tokens: int, repeat: int, warmup: int,
 
 def run(*, endpoint: str, api_key: str | None, served_model: str | None, prompt_lens: str, gen_tokens: int,
         concurrency: str, repeat: int, warmup: int, fmt: str, output=None) -> dict:
-    from .endpoint import Endpoint
-
     lens, levels = int_list(prompt_lens, "--prompt-lens", 1), int_list(concurrency, "--concurrency", 1)
     if gen_tokens < 2:
         raise GptossError(f"--gen-tokens {gen_tokens}: decode needs at least 2 tokens")
@@ -145,18 +162,35 @@ def run(*, endpoint: str, api_key: str | None, served_model: str | None, prompt_
         raise GptossError("--repeat must be at least 1 and --warmup at least 0")
     ep = Endpoint(endpoint, api_key, served_model)
     t0 = time.perf_counter()
-    with benchstats.Progress(enabled=True, total=len(lens) * len(levels) * (warmup + repeat)) as bar:
-        results = [measure(ep, P, C, gen_tokens, repeat, warmup, bar) for P in lens for C in levels]
+    results, level, stopped = [], None, None
+    try:
+        with benchstats.Progress(enabled=True, total=len(lens) * len(levels) * (warmup + repeat)) as bar:
+            for level in ((P, C) for P in lens for C in levels):
+                results.append(measure(ep, *level, gen_tokens, repeat, warmup, bar))
+    except (GptossError, KeyboardInterrupt) as e:
+        if not results:
+            raise
+        stopped = (*level, e)
+    finally:
+        ep.close()
     result = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "endpoint": ep.url, "model": ep.info, "settings": {"prompt_lens": lens, "concurrency": levels,
                                                                   "gen_tokens": gen_tokens, "repeat": repeat,
                                                                   "warmup": warmup},
               "wall_s": time.perf_counter() - t0, "results": results}
-    ep.close()
+    if stopped is not None:
+        P, C, e = stopped
+        result["incomplete"] = {"prompt_words": P, "concurrency": C,
+                                "error": "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)}
     emit(result, fmt, sys.stdout)
     if output is not None:
         with open(output, "w", encoding="utf-8") as f:
             emit(result, fmt if fmt in ("json", "md") else "json", f)
+    if stopped is not None:        # the levels that finished are out; now the failure, as one line
+        if isinstance(stopped[2], KeyboardInterrupt):
+            raise stopped[2]
+        raise GptossError(f"stopped at prompt {P} · concurrency {C}: {stopped[2]}",
+                          f"the table has the {len(results)} level(s) that finished")
     return result
 
 
@@ -168,6 +202,18 @@ def describe(result: dict) -> str:
     m = result["model"]
     extra = " · RANDOM weights" if m.get("random_weights") else ""
     return f"gptoss bench --endpoint {result['endpoint']} · model {m.get('id')}{extra}"
+
+
+def notes(result: dict) -> list[str]:
+    """What the table cannot show: refused attempts, and where an incomplete run stopped."""
+    out = []
+    retried = sum(r.get("retries_429", 0) for r in result["results"])
+    if retried:
+        out.append(f"{retried} attempt(s) were refused with 429 and retried after Retry-After")
+    if result.get("incomplete"):
+        i = result["incomplete"]
+        out.append(f"INCOMPLETE: stopped at prompt {i['prompt_words']} · concurrency {i['concurrency']}: {i['error']}")
+    return out
 
 
 def emit(result: dict, fmt: str, out) -> None:
@@ -186,6 +232,8 @@ def emit(result: dict, fmt: str, out) -> None:
         if fmt == "md":
             lines.append("| " + " | ".join("---:" for _ in headers) + " |")
         lines += [("| " if fmt == "md" else "") + sep.join(row) + (" |" if fmt == "md" else "") for row in rows]
+        if fmt == "md":
+            lines += [""] + [f"*{n}*" for n in notes(result)]
         out.write("\n".join(lines) + "\n")
     else:
         from rich.console import Console
@@ -193,8 +241,9 @@ def emit(result: dict, fmt: str, out) -> None:
         from rich.text import Text
 
         n = result["settings"]["repeat"]
-        table = Table(title=Text(describe(result)), title_justify="left",
-                      caption=Text(f"mean ± std over the streams of {n} measured round(s); measured by the client"))
+        caption = "\n".join([f"mean ± std over the streams of {n} measured round(s); measured by the client",
+                             *notes(result)])
+        table = Table(title=Text(describe(result)), title_justify="left", caption=Text(caption))
         for h in headers:
             table.add_column(h, justify="right")
         for row in rows:

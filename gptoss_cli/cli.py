@@ -299,13 +299,17 @@ def serve(
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model's name in the API (default: --model as given)."),
+    max_body: str = typer.Option("4MiB", "--max-body", help="Largest request body taken (e.g. 4MiB, 500KB); larger gets 413."),
+    cors_origins: Optional[str] = typer.Option(None, "--cors-origins", help="Comma-separated origins browsers may call from (* for any); default: none."),
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/responses)."""
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/responses)."""
     from . import serve as mod
 
     _use_threads(threads)
     mod.run(model=model, host=host, port=port, context=context, api_key=api_key, max_queue=max_queue,
-            device=device, dtype=dtype.value, yes=yes)
+            device=device, dtype=dtype.value, yes=yes, served_model_name=served_model_name, max_body=max_body,
+            cors_origins=cors_origins)
 
 
 @app.command("eval")

@@ -17,20 +17,58 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from .errors import GptossError
+from .records import context_record, graded_record
 
 TIMEOUT_S = 3600.0   # per read: a non-streaming reply of thousands of tokens on a slow server
 
 
 class EndpointError(GptossError):
-    """The server answered with an error object (``status``: the HTTP status, ``code`` its code)."""
+    """The server answered with an error object (``status``: the HTTP status, ``code`` its code,
+    ``retry_after``: seconds its Retry-After header asks for, if any)."""
 
-    def __init__(self, message: str, status: int, code: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, status: int, code: str | None = None, hint: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message, hint)
-        self.status, self.code = status, code
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The data of each server-sent event in a stream of bytes (the SSE spec's parsing, for the
+    ``data`` field). Lines end at LF or CRLF only: httpx's ``iter_lines`` splits as
+    ``str.splitlines`` does, also at U+2028, U+2029, U+0085 and others, which JSON carries raw
+    inside strings, so a chunk holding one would be cut in two. Bytes are split before they are
+    decoded, so a character split across network reads stays whole."""
+    buffer, data = b"", []
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+            if not line:                       # a blank line ends the event
+                if data:
+                    yield "\n".join(data)
+                data = []
+            elif line.startswith("data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(" ") else value)
+    tail = buffer.removesuffix(b"\r").decode("utf-8")
+    if tail.startswith("data:"):
+        data.append(tail[5:].removeprefix(" "))
+    if data:                                   # a stream cut short still gives what it held
+        yield "\n".join(data)
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (the delta-seconds form; an HTTP date is not used
+    by any server we talk to, and reads as None)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def base_url(url: str) -> str:
@@ -78,7 +116,7 @@ class Endpoint:
             message, code = (response.text or response.reason_phrase).strip()[:300], None
         hint = "pass --api-key (the server's key)" if response.status_code == 401 else None
         return EndpointError(f"{self.url} answered {response.status_code}: {message}", response.status_code,
-                             code, hint)
+                             code, hint, retry_after(response.headers.get("retry-after")))
 
     def _pick_model(self, name: str | None) -> dict:
         models = self._request("GET", "/models").json().get("data") or []
@@ -104,13 +142,13 @@ class Endpoint:
                 if response.status_code >= 400:
                     response.read()
                     raise self._error(response)
-                for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                for data in sse_data(response.iter_bytes()):
+                    if data.strip() == "[DONE]":
                         return
-                    chunk = json.loads(data)
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError as e:
+                        raise GptossError(f"{self.url} sent an event that is not JSON ({e}): {data[:200]!r}") from None
                     if "error" in chunk:
                         raise EndpointError(f"{self.url} failed mid-stream: {chunk['error'].get('message')}", 500)
                     yield time.perf_counter(), chunk
@@ -176,8 +214,6 @@ class EvalTarget:
 
     def run_sample(self, suite, problem, effort: str, index: int, seed: int, temperature: float,
                    max_tokens: int) -> dict:
-        from .evals import context_record, graded_record
-
         body = chat_body(problem, effort, seed, temperature, max_tokens, self.date)
         t0 = time.perf_counter()
         try:

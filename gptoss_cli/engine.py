@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import ContextFullError, GptossError
 from .model import Transformer
+from .sampling import Constraint, Sampler, SamplingParams, Step, sample  # noqa: F401 (sample: re-exported)
 
 PREFILL_CHUNK = 2048      # tokens per forward during prefill (bounds activation memory)
 MAX_SNAPSHOTS = 8
@@ -86,42 +87,6 @@ class GenerationStats:
     decode_s: float = 0.0
     stop_reason: str = ""         # "stop" (a stop token), "length" (max_new_tokens), "context"
     token_times: list[float] = field(default_factory=list)  # seconds since the call, per token
-
-
-NUCLEUS_TOPK = 1024     # top-p looks for its nucleus among this many tokens first (see sample)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from float32 logits [V]: greedy at temperature 0, else softmax(logits / T)
-    restricted to the smallest set of tokens whose mass reaches ``top_p``.
-
-    Drawn by inverting the cumulative distribution with one uniform number (``_draw``): on a
-    CPU, ``torch.multinomial`` over the 201,088 tokens of gpt-oss takes 4-12 ms, a fifth of a
-    decode step, where this takes under half a millisecond. The nucleus is searched among the
-    ``NUCLEUS_TOPK`` most likely tokens first (a top-k instead of sorting the whole vocabulary:
-    18 ms on a CPU); when those hold less than ``top_p`` the whole vocabulary is sorted. Both give
-    the same nucleus."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        top, order = torch.topk(probs, min(NUCLEUS_TOPK, probs.numel()))     # sorted, descending
-        if top.numel() < probs.numel() and float(top.sum()) < top_p:
-            top, order = torch.sort(probs, descending=True)
-        keep = (torch.cumsum(top, 0) - top) < top_p     # always keeps the first
-        return int(order[_draw(torch.where(keep, top, torch.zeros_like(top)), generator)])
-    return _draw(probs, generator)
-
-
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Index i with probability weights[i] / weights.sum() (weights >= 0, not all zero): the first
-    index whose running sum (float64) exceeds a uniform draw over the total."""
-    cdf = torch.cumsum(weights, 0, dtype=torch.float64)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u.reshape(1), right=True))
-    if i >= weights.numel():      # u rounded up to the total: the last token that has mass
-        i = int(torch.nonzero(weights)[-1])
-    return i
 
 
 class DecodeStep:
@@ -308,43 +273,74 @@ class Engine:
     # ---- the API -----------------------------------------------------------------------------
     def logits(self, tokens: Iterable[int]) -> torch.Tensor:
         """float32 logits [len(tokens), vocab] of a fresh sequence (the cache is reset)."""
+        return torch.cat([chunk for _, chunk in self._fresh_logits(self._check_tokens(tokens))]).cpu()
+
+    def prompt_logprobs(self, tokens: Iterable[int], top: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of a fresh sequence's tokens, each given those before it:
+        (logprobs [n-1] float32 of tokens[1:], top ids [n-1, top], their logprobs [n-1, top]).
+
+        The same forward as ``logits`` (the cache is reset), reduced chunk by chunk on the device,
+        so that the [n, vocab] matrix never reaches the host: ``gptoss eval``'s perplexity and
+        the server's ``echo``/``logprobs`` both read this, and so agree to the bit."""
         tokens = self._check_tokens(tokens)
-        self._reset()
-        out = []
-        for s in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[s:s + PREFILL_CHUNK]
-            h = self.model.forward(self._tensor(chunk), self.cache, s)
-            out.append(self.model.logits(h[0]))
-            self.cached_tokens = tokens[:s + len(chunk)]
-        return torch.cat(out).cpu()
+        target = torch.tensor(tokens[1:] + [0], dtype=torch.long, device=self.device)       # [n]
+        lps, ids, vals = [], [], []
+        for s, chunk in self._fresh_logits(tokens):                                        # [t, V]
+            lse = chunk.logsumexp(dim=-1)                                                  # [t]
+            lps.append(chunk.gather(1, target[s:s + len(chunk)].unsqueeze(1)).squeeze(1) - lse)
+            if top:
+                v, i = torch.topk(chunk, top, dim=-1)                                      # [t, top]
+                ids.append(i)
+                vals.append(v - lse.unsqueeze(1))
+        n = len(tokens) - 1
+        if not top:
+            return torch.cat(lps)[:n].cpu(), torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0)
+        return torch.cat(lps)[:n].cpu(), torch.cat(ids)[:n].cpu(), torch.cat(vals)[:n].cpu()
 
     def generate(
         self, tokens: Iterable[int], max_new_tokens: int = 256, temperature: float = 1.0,
-        top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
+        top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None, **sampling,
     ) -> Iterator[int]:
         """Yield new token ids; stops after a stop token, ``max_new_tokens``, or a full context.
+        ``sampling``: the other fields of ``SamplingParams`` (top_k, min_p, the penalties,
+        logit_bias).
 
         The cache always holds exactly ``cached_tokens``, so breaking out of the loop (or Ctrl-C)
         leaves a state the next call reuses.
         """
+        params = SamplingParams(temperature=temperature, top_p=top_p, **sampling)
+        steps = self.stream(tokens, params, max_new_tokens, stop_tokens, seed)
+        try:
+            for step in steps:
+                yield step.token
+        finally:
+            steps.close()
+
+    def stream(self, tokens: Iterable[int], params: SamplingParams = SamplingParams(), max_new_tokens: int = 256,
+               stop_tokens: Iterable[int] = (), seed: int | None = None,
+               constraint: Constraint | None = None) -> Iterator[Step]:
+        """``generate``, yielding a ``Step`` per token (its log-probabilities when
+        ``params.logprobs`` asks for them); ``constraint`` masks what may come next."""
         tokens = self._check_tokens(tokens)
         stop = set(int(t) for t in stop_tokens)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed) if seed is not None else gen.seed()
+        sampler = Sampler(params, tokens, self.config.vocab_size, self.device, gen, constraint)
         st = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
         t0 = time.perf_counter()
         logits = self._prefill(tokens, st)
         st.prefill_s = time.perf_counter() - t0
         pos = len(tokens)
         for i in range(max_new_tokens):
-            tok = sample(logits, temperature, top_p, gen)
+            step = sampler(logits)
+            tok = step.token
             now = time.perf_counter() - t0
             st.token_times.append(now)
             if i == 0:
                 st.first_token_s = now
             else:
                 st.decode_tokens, st.decode_s = i, now - st.first_token_s
-            yield tok
+            yield step
             if tok in stop:
                 st.stop_reason = "stop"
                 return
@@ -372,6 +368,15 @@ class Engine:
                 "start a new conversation or raise --context",
             )
         return tokens
+
+    def _fresh_logits(self, tokens: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, float32 logits [t, vocab] on the device) per prefill chunk of a fresh sequence."""
+        self._reset()
+        for s in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[s:s + PREFILL_CHUNK]
+            h = self.model.forward(self._tensor(chunk), self.cache, s)
+            self.cached_tokens = tokens[:s + len(chunk)]
+            yield s, self.model.logits(h[0])
 
     def _tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.device)     # [1, T]

@@ -54,8 +54,8 @@ from rich.table import Table
 
 from .config import MAX_TEMPERATURE
 from .errors import ContextFullError, GptossError, why_not_written
-from .graders import Reply, grade
 from .harmony import EFFORTS, Malformed
+from .records import context_record, graded_record
 from .suites import Problem, Suite, load_suite, read_text, specs
 
 REPORT_VERSION = 1
@@ -186,18 +186,13 @@ def perplexity_nll(engine, tokens: list[int], window: int, stride: int) -> tuple
     tokens no earlier window scored (the first token, with no context, is never scored). This is
     transformers' strided perplexity ("Perplexity of fixed-length models"); with stride =
     window/2 it is close to llama.cpp's perplexity tool, which scores each chunk's second half."""
-    import torch
-
     nll, scored, prev_end = 0.0, 0, 0
     for begin in range(0, len(tokens), stride):
         end = min(begin + window, len(tokens))
         first = max(prev_end, begin + 1)             # first target position scored in this window
         if first < end:
-            logits = engine.logits(tokens[begin:end])                    # [end - begin, vocab]
-            rows = logits[first - 1 - begin:end - 1 - begin]             # predictions of first..end-1
-            targets = torch.tensor(tokens[first:end]).unsqueeze(1)               # [n, 1]
-            lse = rows.logsumexp(dim=-1)
-            nll += float((lse - rows.gather(1, targets).squeeze(1)).double().sum())
+            logprobs, _, _ = engine.prompt_logprobs(tokens[begin:end])   # [end - begin - 1]: of tokens begin+1..
+            nll -= float(logprobs[first - 1 - begin:end - 1 - begin].double().sum())
             scored += end - first
         prev_end = end
         if end == len(tokens):
@@ -249,33 +244,6 @@ def run_sample(engine, suite: Suite, problem: Problem, effort: str, index: int, 
     tokens = {"prompt": st["prompt_tokens"], "reasoning": st["reasoning_tokens"],
               "answer": st["answer_tokens"], "generated": st["generated_tokens"]}
     return graded_record(suite, problem, effort, index, seed, reply, tokens, st["wall_s"])
-
-
-def _record(suite: Suite, problem: Problem, effort: str, index: int, seed: int) -> dict:
-    return {"suite": suite.name, "effort": effort, "id": problem.id, "sample": index, "seed": seed,
-            "prompt": problem.prompt}
-
-
-def graded_record(suite: Suite, problem: Problem, effort: str, index: int, seed: int, reply: dict,
-                  tokens: dict, seconds: float) -> dict:
-    """A sample's report entry from its reply (answer, reasoning, tool_calls, raw, malformed,
-    stop_reason), graded; shared by the in-process and the endpoint (``endpoint.py``) paths."""
-    r = Reply(reply["answer"], reply["reasoning"], reply["tool_calls"], reply["raw"], reply["stop_reason"],
-              reply["malformed"])
-    return {
-        **_record(suite, problem, effort, index, seed), "reasoning": r.reasoning, "answer": r.answer,
-        "tool_calls": r.tool_calls, "raw": r.raw, "malformed": r.malformed, "stop_reason": r.stop_reason,
-        "grade": grade(problem.grader, r, problem.expected, problem.options).to_dict(),
-        "tokens": tokens, "seconds": seconds,
-    }
-
-
-def context_record(suite: Suite, problem: Problem, effort: str, index: int, seed: int, why: str) -> dict:
-    """The entry of a prompt that does not fit the context: graded incorrect, with the reason."""
-    return {**_record(suite, problem, effort, index, seed), "reasoning": "", "answer": "", "tool_calls": [],
-            "raw": "", "malformed": [], "stop_reason": "context",
-            "grade": {"correct": False, "extracted": None, "expected": problem.expected, "reason": why},
-            "tokens": {"prompt": 0, "reasoning": 0, "answer": 0, "generated": 0}, "seconds": 0.0}
 
 
 # ---- scores, gate, report -------------------------------------------------------------------

@@ -369,6 +369,11 @@ class StreamParser:
         """Between a message's ``<|start|>`` (or the reply's opening) and its ``<|message|>``."""
         return self._header is not None
 
+    @property
+    def current(self) -> MessageStart | None:
+        """The header of the message whose text is being read, if any."""
+        return self._start
+
     def feed(self, token_id: int) -> list[Event]:
         """Consume one generated token; return what it completed, in order."""
         self.tokens.append(token_id)

@@ -1,9 +1,11 @@
 """The OpenAI wire formats of ``gptoss serve``: requests into Harmony, the model's output back out.
 
-This module knows JSON and Harmony, never the engine or the network: ``serve.py`` runs the model
-and the HTTP server, this turns a request body into a ``GenRequest`` (a Harmony ``Conversation``
-plus sampling settings) and the parsed output into Chat Completions objects and chunks
-(``serve_responses.py`` does the same for the Responses API).
+This module knows JSON and Harmony, never the engine or the network: ``serve_worker.py`` runs the
+model and ``serve.py`` the HTTP server; this turns a request body into a ``GenRequest`` (a Harmony
+``Conversation`` plus sampling settings, fields checked by ``serve_params.py``) and the parsed
+output into Chat Completions objects and chunks (``serve_responses.py`` does the same for the
+Responses API, ``serve_completions.py`` for raw completions). With ``logprobs``, the content's
+tokens carry their log-probabilities (``logprobs.content``), as OpenAI's chat API reports them.
 
 Mapping (as OpenAI's gpt-oss guide and vLLM do it): system and developer messages become Harmony's
 developer instructions (Harmony's own system message carries the identity, the date and the
@@ -23,87 +25,37 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .config import MAX_TEMPERATURE
-from .harmony import (EFFORTS, Conversation, FunctionTool, Malformed, Message, MessageEnd, MessageStart, ReplyTally,
-                      StreamParser, TextDelta)
+from .harmony import (CALL_ID, EFFORTS, END_ID, RETURN_ID, Conversation, FunctionTool, Malformed, Message, MessageEnd,
+                      MessageStart, ReplyTally, StreamParser, TextDelta)
+from .sampling import SamplingParams, Step
+from .serve_params import (ApiError, ToolChoice, bad, bool_field, chat_logprobs_field, int_field,  # noqa: F401
+                           n_field, new_id, number_field, refuse_unsupported, sampling_fields, stops_field,
+                           tool_choice_field)
 
-MAX_STOPS = 4
-
-
-class ApiError(Exception):
-    """A request the server refuses: an OpenAI-style error object with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:24]}"
+CHAT_REFUSED = ("store", "audio", "modalities", "prediction", "web_search_options", "min_tokens", "best_of",
+                "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 @dataclass
 class GenRequest:
-    """What to generate, whichever API asked: the conversation and how to sample its reply."""
+    """What to generate, whichever API asked: the conversation (None for completions, whose
+    prompts are token ids already) and how to sample the reply."""
 
-    conversation: Conversation
+    conversation: Conversation | None = None
     max_tokens: int | None = None     # None: as many as the context has room for
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False          # vLLM's and SGLang's extension, for benchmarks
-
-
-# ---- checking request fields ------------------------------------------------------------------
-
-
-def number_field(body: dict, key: str, default, low: float, high: float, low_open: bool = False):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(f"'{key}' must be a number", key)
-    if value > high or value < low or (low_open and value == low):
-        raise bad(f"'{key}' must be {'above' if low_open else 'at least'} {low:g} and at most {high:g}; got {value}", key)
-    return float(value)
-
-
-def int_field(body: dict, key: str, low: int = -(2**63), high: int = 2**64 - 1):
-    """An optional integer in [low, high] (default: what a 64-bit seed holds)."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"'{key}' must be an integer", key)
-    if not low <= value <= high:
-        raise bad(f"'{key}' must be at least {low}; got {value}" if value < low
-                  else f"'{key}' must be at most {high}; got {value}", key)
-    return value
-
-
-def bool_field(body: dict, key: str) -> bool:
-    value = body.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise bad(f"'{key}' must be true or false", key)
-    return value
+    n: int = 1                        # choices per prompt
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    echo: bool = False                # completions: the prompt comes back before the completion
+    skip_special_tokens: bool = True  # completions: special tokens are left out of the text
+    tokens_as_ids: bool = False       # completions: logprobs name tokens token_id:N (vLLM's)
 
 
 def effort_field(value, param: str) -> str:
@@ -112,17 +64,6 @@ def effort_field(value, param: str) -> str:
     if value not in EFFORTS:
         raise bad(f"'{param}' must be one of {', '.join(EFFORTS)}; got {value!r}", param)
     return value
-
-
-def stops_field(value) -> list[str]:
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise bad("'stop' must be a string or a list of non-empty strings", "stop")
-    if len(stops) > MAX_STOPS:
-        raise bad(f"'stop' takes at most {MAX_STOPS} strings", "stop")
-    return stops
 
 
 def text_of(content, param: str) -> str:
@@ -143,12 +84,11 @@ def text_of(content, param: str) -> str:
     raise bad(f"{param} must be a string or a list of text parts", param)
 
 
-def function_tools(tools, tool_choice, nested: bool) -> list[FunctionTool]:
+def function_tools(tools, tool_choice, nested: bool) -> tuple[list[FunctionTool], ToolChoice]:
     """``tools`` of type function (chat: ``{"function": {...}}``; responses: flat) as Harmony
-    tools; ``tool_choice: "none"`` declares none. The model decides whether to call one: other
-    choices are accepted but not enforced (Harmony has no constrained decoding here)."""
+    tools, and ``tool_choice``; with ``none`` no tool is declared."""
     if tools is None:
-        return []
+        tools = []
     if not isinstance(tools, list):
         raise bad("'tools' must be a list", "tools")
     out = []
@@ -162,9 +102,8 @@ def function_tools(tools, tool_choice, nested: bool) -> list[FunctionTool]:
         if params is not None and not isinstance(params, dict):
             raise bad(f"tools[{i}]: 'parameters' must be a JSON schema object", f"tools[{i}]")
         out.append(FunctionTool(spec["name"], spec.get("description") or "", params))
-    if tool_choice not in (None, "auto", "none", "required") and not isinstance(tool_choice, dict):
-        raise bad("'tool_choice' must be none, auto, required or a function", "tool_choice")
-    return [] if tool_choice == "none" else out
+    choice = tool_choice_field(tool_choice, [t.name for t in out], nested)
+    return ([] if choice.mode == "none" else out), choice
 
 
 def call_message(name: str, arguments: str) -> Message:
@@ -191,15 +130,12 @@ def conversation(messages: list[Message], instructions: list[str], effort: str, 
 # ---- chat completions: the request --------------------------------------------------------------
 
 
-def chat_request(body: dict) -> GenRequest:
+def chat_request(body: dict, vocab_size: int) -> GenRequest:
     """A ``POST /v1/chat/completions`` body as a ``GenRequest``; ``ApiError`` 400 otherwise."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
-    if body.get("n") not in (None, 1):
-        raise bad("only n=1 is supported", "n")
-    if body.get("logprobs"):
-        raise bad("logprobs are not supported", "logprobs")
+    refuse_unsupported(body, CHAT_REFUSED)
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise bad("only response_format {'type': 'text'} is supported", "response_format")
@@ -228,14 +164,14 @@ def chat_request(body: dict) -> GenRequest:
         raise bad("'stream_options' must be an object", "stream_options")
     max_tokens = int_field(body, "max_completion_tokens", 1)
     max_tokens = max_tokens if max_tokens is not None else int_field(body, "max_tokens", 1)
-    tools = function_tools(body.get("tools"), body.get("tool_choice"), nested=True)
+    tools, choice = function_tools(body.get("tools"), body.get("tool_choice"), nested=True)
     return GenRequest(
         conversation(history, instructions, effort_field(body.get("reasoning_effort"), "reasoning_effort"), tools,
                      body.get("chat_template_kwargs")),
-        max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
-        top_p=number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=int_field(body, "seed"),
-        stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
-        include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"))
+        max_tokens=max_tokens, sampling=sampling_fields(body, vocab_size, chat_logprobs_field(body)),
+        seed=int_field(body, "seed"), stop=stops_field(body.get("stop")), stream=bool_field(body, "stream"),
+        include_usage=bool(stream_options.get("include_usage")), ignore_eos=bool_field(body, "ignore_eos"),
+        n=n_field(body), tool_choice=choice)
 
 
 def _assistant(m: dict, param: str, calls: dict) -> list[Message]:
@@ -267,61 +203,144 @@ def _assistant(m: dict, param: str, calls: dict) -> list[Message]:
 @dataclass(frozen=True)
 class Delta:
     """A piece of the reply: ``kind`` is reasoning | content | tool (a call starts: ``text`` is the
-    function name, ``call_id`` its id) | arguments (of tool call ``index``)."""
+    function name, ``call_id`` its id) | arguments (of tool call ``index``); ``choice`` is the
+    choice it belongs to; ``logprobs``: the entries of the tokens it carries, when asked for."""
 
     kind: str
     text: str
     index: int = 0
     call_id: str = ""
+    choice: int = 0
+    logprobs: tuple = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    """One choice is complete: its builder holds the reply."""
+
+    builder: object                   # ReplyBuilder, or serve_completions.TextBuilder
+    stop_reason: str                  # stop | length | context | cancelled
+    prompt_tokens: int
+    cached_tokens: int
+    choice: int = 0
+
+
+def token_text(encoding, token_id: int) -> tuple[str, bytes]:
+    """A token as OpenAI shows it in logprobs: its text, or ``bytes:\\xNN...`` when its bytes are
+    not whole UTF-8 characters; and the bytes."""
+    raw = encoding.decode_single_token_bytes(token_id)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+def logprob_entry(encoding, token_id: int, logprob: float, top) -> dict:
+    """Chat's entry for one token: ``{token, logprob, bytes, top_logprobs}``."""
+    def one(tok, lp):
+        text, raw = token_text(encoding, tok)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+    return {**one(token_id, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
+
+
+class StopMatcher:
+    """Stop strings over streamed text: text is held back while it could be the start of one, and
+    a match ends the text there (``hit``)."""
+
+    def __init__(self, stops):
+        self.stops, self.hit, self.held = list(stops), False, ""
+
+    def feed(self, text: str) -> str:
+        """The text that may go out now."""
+        if not self.stops:
+            return text
+        held = self.held + text
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.hit, self.held = True, ""
+            return held[:min(hits)]
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(held) + 1))
+                    if held.endswith(s[:k])), default=0)   # a tail that could start a stop string
+        self.held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep]
+
+    def flush(self) -> str:
+        text, self.held = ("" if self.hit else self.held), ""
+        return text
 
 
 class ReplyBuilder:
     """Feeds generated tokens to the Harmony parser and turns its events into ``Delta``s.
 
-    Stop strings apply to the content: text is held back while it could be the start of one, and
-    a match ends the reply there (``stop_hit``). Tokens are counted per channel the way
-    ``ChatSession`` counts them (``harmony.ReplyTally``: a header counts with its message)."""
+    Stop strings apply to the content (``StopMatcher``; a match sets ``stop_hit``). Tokens are
+    counted per channel the way ``ChatSession`` counts them (``harmony.ReplyTally``: a header counts
+    with its message). Log-probabilities, when the sampler gives them, are kept for the content's
+    tokens (the final channel's, as OpenAI's chat API reports them) and ride on the content deltas."""
 
-    def __init__(self, encoding, stops: list[str] = ()):
+    def __init__(self, encoding, stops: list[str] = (), choice: int = 0):
         self.parser = StreamParser(encoding)
+        self.encoding, self.choice = encoding, choice
         self.tally = ReplyTally()                               # tokens by channel, raw text
-        self.stops = list(stops)
         self.reasoning, self.content, self.calls = [], [], []   # calls: {id, name, arguments}
         self.malformed = []
-        self.stop_hit = False
-        self._call, self._held = None, ""
+        self.content_logprobs: list[dict] = []
+        self._stops = StopMatcher(stops)
+        self._call, self._pending = None, []
 
     @property
     def counts(self) -> dict:
         return self.tally.counts
 
     @property
+    def stop_hit(self) -> bool:
+        return self._stops.hit
+
+    @property
     def n_tokens(self) -> int:
         return sum(self.counts.values())
 
-    def feed(self, token_id: int) -> list[Delta]:
+    def feed(self, token_id: int, step: Step | None = None) -> list[Delta]:
+        at = self.parser.current
+        if (step is not None and step.logprob is not None and not self.stop_hit and at is not None
+                and at.role == "assistant" and at.recipient in (None, "all") and at.channel != "analysis"
+                and token_id not in (END_ID, RETURN_ID, CALL_ID)):
+            self._pending.append(logprob_entry(self.encoding, token_id, step.logprob, step.top))
         events = self.parser.feed(token_id)
         self.tally.feed(self.parser, events)
-        return self._deltas(events)
+        return self._with_logprobs(self._deltas(events))
 
     def finish(self) -> list[Delta]:
         events = self.parser.finish()
         self.tally.finish(events)
         deltas = self._deltas(events)
-        if self._held and not self.stop_hit:
-            deltas.append(self._content(self._held))
-            self._held = ""
+        if tail := self._stops.flush():
+            deltas.append(self._content(tail))
+        deltas = self._with_logprobs(deltas)
+        if self._pending and not self.stop_hit:     # tokens whose text never came out on its own
+            deltas.append(Delta("content", "", choice=self.choice, logprobs=tuple(self._pending)))
+            self.content_logprobs += self._pending
+        self._pending = []
+        return deltas
+
+    def _with_logprobs(self, deltas: list[Delta]) -> list[Delta]:
+        if self._pending:
+            for i, d in enumerate(deltas):
+                if d.kind == "content":
+                    deltas[i] = replace(d, logprobs=tuple(self._pending))
+                    self.content_logprobs += self._pending
+                    self._pending = []
+                    break
         return deltas
 
     def _deltas(self, events) -> list[Delta]:
-        out = []
+        out, c = [], self.choice
         for e in events:
             if isinstance(e, MessageStart):
                 if e.role == "assistant" and e.recipient not in (None, "all"):
                     self._call = len(self.calls)
                     call = {"id": new_id("call_"), "name": e.recipient.removeprefix("functions."), "arguments": ""}
                     self.calls.append(call)
-                    out.append(Delta("tool", call["name"], self._call, call["id"]))
+                    out.append(Delta("tool", call["name"], self._call, call["id"], choice=c))
             elif isinstance(e, MessageEnd):
                 self._call = None
             elif isinstance(e, Malformed):
@@ -329,31 +348,17 @@ class ReplyBuilder:
             elif isinstance(e, TextDelta) and not self.stop_hit:
                 if self._call is not None:
                     self.calls[self._call]["arguments"] += e.text
-                    out.append(Delta("arguments", e.text, self._call))
+                    out.append(Delta("arguments", e.text, self._call, choice=c))
                 elif e.channel == "analysis":
                     self.reasoning.append(e.text)
-                    out.append(Delta("reasoning", e.text))
-                else:
-                    out += self._match_stops(e.text)
+                    out.append(Delta("reasoning", e.text, choice=c))
+                elif text := self._stops.feed(e.text):
+                    out.append(self._content(text))
         return out
 
     def _content(self, text: str) -> Delta:
         self.content.append(text)
-        return Delta("content", text)
-
-    def _match_stops(self, text: str) -> list[Delta]:
-        if not self.stops:
-            return [self._content(text)]
-        held = self._held + text
-        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stop_hit, self._held = True, ""
-            return [self._content(held[:min(hits)])] if min(hits) > 0 else []
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(held) + 1))
-                    if held.endswith(s[:k])), default=0)   # a tail that could start a stop string
-        self._held = held[len(held) - keep:] if keep else ""
-        emit = held[:len(held) - keep]
-        return [self._content(emit)] if emit else []
+        return Delta("content", text, choice=self.choice)
 
     def harmony(self, stop_reason: str, prompt_tokens: int) -> dict:
         """The reply as gptoss's parser read it (see the module docstring)."""
@@ -376,30 +381,37 @@ def finish_reason(stop_reason: str, builder: ReplyBuilder) -> str:
     return "tool_calls" if builder.calls and not builder.stop_hit else "stop"
 
 
-def usage(prompt_tokens: int, cached: int, builder: ReplyBuilder) -> dict:
-    n = builder.n_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": builder.counts["analysis"]}}
+def usage(dones: list[Done]) -> dict:
+    """Usage over a request's choices: the prompt counted once, the completions summed."""
+    first = dones[0]
+    n = sum(d.builder.n_tokens for d in dones)
+    out = {"prompt_tokens": first.prompt_tokens, "completion_tokens": n, "total_tokens": first.prompt_tokens + n,
+           "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+    if isinstance(first.builder, ReplyBuilder):
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(d.builder.counts["analysis"] for d in dones)}
+    return out
 
 
 # ---- chat completions: the response ---------------------------------------------------------
 
 
-def chat_completion(rid: str, model: str, builder: ReplyBuilder, stop_reason: str, prompt_tokens: int,
-                    cached: int) -> dict:
-    """The non-streaming ``chat.completion`` object."""
-    content = "".join(builder.content)
-    message = {"role": "assistant", "content": content if content or not builder.calls else None,
-               "reasoning_content": "".join(builder.reasoning) or None}
-    if builder.calls:
-        message["tool_calls"] = [{"id": c["id"], "type": "function",
-                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in builder.calls]
+def chat_completion(rid: str, model: str, dones: list[Done], logprobs: bool = False) -> dict:
+    """The non-streaming ``chat.completion`` object (one choice per ``Done``)."""
+    choices = []
+    for d in dones:
+        b = d.builder
+        content = "".join(b.content)
+        message = {"role": "assistant", "content": content if content or not b.calls else None,
+                   "reasoning_content": "".join(b.reasoning) or None}
+        if b.calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}} for c in b.calls]
+        choices.append({"index": d.choice, "message": message,
+                        "logprobs": {"content": b.content_logprobs, "refusal": None} if logprobs else None,
+                        "finish_reason": finish_reason(d.stop_reason, b)})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason(stop_reason, builder)}],
-            "usage": usage(prompt_tokens, cached, builder),
-            "harmony": builder.harmony(stop_reason, prompt_tokens)}
+            "choices": choices, "usage": usage(dones),
+            "harmony": dones[0].builder.harmony(dones[0].stop_reason, dones[0].prompt_tokens)}
 
 
 class ChatChunks:
@@ -408,30 +420,32 @@ class ChatChunks:
     def __init__(self, rid: str, model: str):
         self.rid, self.model, self.created = rid, model, int(time.time())
 
-    def chunk(self, delta: dict, finish: str | None = None, **extra) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, choice: int = 0, logprobs=None) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                "choices": [{"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def first(self) -> dict:
-        return self.chunk({"role": "assistant", "content": ""})
+    def first(self, choice: int = 0) -> dict:
+        return self.chunk({"role": "assistant", "content": ""}, choice=choice)
 
     def of(self, d: Delta) -> dict:
+        c = d.choice
         if d.kind == "reasoning":
-            return self.chunk({"reasoning_content": d.text})
+            return self.chunk({"reasoning_content": d.text}, choice=c)
         if d.kind == "content":
-            return self.chunk({"content": d.text})
+            logprobs = {"content": list(d.logprobs), "refusal": None} if d.logprobs else None
+            return self.chunk({"content": d.text}, choice=c, logprobs=logprobs)
         if d.kind == "tool":
             return self.chunk({"tool_calls": [{"index": d.index, "id": d.call_id, "type": "function",
-                                               "function": {"name": d.text, "arguments": ""}}]})
-        return self.chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]})
+                                               "function": {"name": d.text, "arguments": ""}}]}, choice=c)
+        return self.chunk({"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}, choice=c)
 
-    def last(self, builder: ReplyBuilder, stop_reason: str) -> dict:
-        return self.chunk({}, finish_reason(stop_reason, builder))
+    def last(self, done: Done) -> dict:
+        return self.chunk({}, finish_reason(done.stop_reason, done.builder), choice=done.choice)
 
-    def usage(self, builder: ReplyBuilder, stop_reason: str, prompt_tokens: int, cached: int) -> dict:
+    def usage(self, dones: list[Done]) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(prompt_tokens, cached, builder),
-                "harmony": builder.harmony(stop_reason, prompt_tokens)}
+                "choices": [], "usage": usage(dones),
+                "harmony": dones[0].builder.harmony(dones[0].stop_reason, dones[0].prompt_tokens)}
 
 
 def sse(obj) -> bytes:

@@ -8,6 +8,8 @@ result, matched by ``call_id``), ``reasoning`` items (earlier analysis). Output 
 the model produced them: ``reasoning`` (its analysis as ``reasoning_text``), ``message`` (the final
 channel as ``output_text``), ``function_call``. The server is stateless: ``previous_response_id``
 is refused, the client resends the conversation (and the engine's prefix reuse makes that cheap).
+A stream that cannot finish (generation failed, the server is shutting down) ends with
+``response.failed``, whose response carries the error, as the Responses streaming spec has it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import json
 import time
 
 from . import serve_api as api
-from .config import MAX_TEMPERATURE
 from .harmony import Message
 from .serve_api import Delta, GenRequest, bad, new_id
+from .serve_params import ApiError, refuse_unsupported, sampling_fields
 
 
-def responses_request(body: dict) -> GenRequest:
+RESPONSES_REFUSED = ("previous_response_id", "conversation", "store", "background", "prompt", "include",
+                     "truncation", "top_logprobs")
+
+
+def responses_request(body: dict, vocab_size: int) -> GenRequest:
     """A ``POST /v1/responses`` body as a ``GenRequest``; ``ApiError`` 400 otherwise."""
-    if body.get("previous_response_id") is not None:
-        raise bad("previous_response_id is not supported: this server keeps no state; send the whole input",
-                  "previous_response_id")
+    refuse_unsupported(body, RESPONSES_REFUSED)
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if fmt is not None and fmt.get("type") != "text":
         raise bad("only text output is supported (text.format {'type': 'text'})", "text")
@@ -68,13 +72,13 @@ def responses_request(body: dict) -> GenRequest:
         else:
             raise bad(f"{param}: items of type {kind!r} are not supported", param)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-    tools = api.function_tools(body.get("tools"), body.get("tool_choice"), nested=False)
+    tools, choice = api.function_tools(body.get("tools"), body.get("tool_choice"), nested=False)
     return GenRequest(
         api.conversation(history, instructions, api.effort_field(reasoning.get("effort"), "reasoning.effort"), tools,
-                     body.get("chat_template_kwargs")),
-        max_tokens=api.int_field(body, "max_output_tokens", 1), temperature=api.number_field(body, "temperature", 1.0, 0, MAX_TEMPERATURE),
-        top_p=api.number_field(body, "top_p", 1.0, 0, 1, low_open=True), seed=api.int_field(body, "seed"),
-        stream=api.bool_field(body, "stream"), ignore_eos=api.bool_field(body, "ignore_eos"))
+                         body.get("chat_template_kwargs")),
+        max_tokens=api.int_field(body, "max_output_tokens", 1), sampling=sampling_fields(body, vocab_size),
+        seed=api.int_field(body, "seed"), stream=api.bool_field(body, "stream"),
+        ignore_eos=api.bool_field(body, "ignore_eos"), tool_choice=choice)
 
 
 _PART = {"reasoning": "reasoning_text", "content": "output_text"}
@@ -99,6 +103,7 @@ class ResponseEvents:
             "max_output_tokens": body.get("max_output_tokens"),
             "reasoning": {"effort": reasoning.get("effort") or "medium", "summary": None},
             "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {}, "usage": None,
+            "store": False, "background": False,
         }
         self.prompt_tokens = prompt_tokens
 
@@ -151,12 +156,12 @@ class ResponseEvents:
         self.item = item
         return events
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, self.item = self.item, None
         if item is None:
             return []
         index = len(self.response["output"]) - 1
-        item["status"] = "completed"
+        item["status"] = status
         events = []
         if item["_kind"] == "function_call":
             events.append(self._event("response.function_call_arguments.done", item_id=item["id"],
@@ -187,6 +192,15 @@ class ResponseEvents:
         r["harmony"] = b.harmony(done.stop_reason, done.prompt_tokens)
         kind = "response.incomplete" if incomplete else "response.completed"
         return events + [self._event(kind, response=r)]
+
+    def fail(self, error: ApiError) -> list[dict]:
+        """The stream's end when generation failed or the server is shutting down: the item being
+        written is closed as it stands (incomplete), then ``response.failed`` (with the error)."""
+        events = self._close("incomplete")
+        r = self.response
+        r["status"] = "failed"
+        r["error"] = {"code": "server_error", "message": error.message}     # the spec's code for ours
+        return events + [self._event("response.failed", response=r)]
 
 
 def _public(item: dict, empty: bool = False) -> dict:

@@ -116,3 +116,73 @@ def harmony_oracle(o200k_dir):
 
 
 # ==== end of tokenizer and Harmony fixtures ======================================================
+
+
+# ==== gptoss serve (tests/test_serve*.py) ========================================================
+SERVED_MODEL = "tiny"
+SERVED_CONTEXT = 1024
+
+
+def start_server(engine, **kw):
+    """A ``gptoss serve`` server on a free loopback port, uvicorn in a thread, as ``run`` makes it:
+    (Server, its uvicorn server, base URL ``http://127.0.0.1:PORT/v1``)."""
+    import threading
+    import time
+
+    from gptoss_cli.serve import Server, bind, uvicorn_server
+
+    server = Server(engine, SERVED_MODEL, **kw)
+    sock = bind("127.0.0.1", 0)
+    uv = uvicorn_server(server, timeout_graceful_shutdown=1)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    uv.thread = thread
+    return server, uv, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def launch_serve(folder, *args: str):
+    """``gptoss serve`` as a user runs it, on a free port: (process, its startup line, base URL)."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(folder), "--port", "0",
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    while not any("gptoss serve:" in x for x in lines):
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError("gptoss serve did not start:\n" + "".join(lines))
+        lines.append(line)
+    return proc, lines[-1], re.search(r"(http://\S+/v1)", lines[-1]).group(1)
+
+
+def stop_server(server, uv) -> None:
+    uv.should_exit = True
+    uv.thread.join(10)
+    server.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_hf_single):
+    """(Server, base URL) of a server on a free loopback port, for the whole module; its uvicorn
+    server is ``Server.uvicorn``."""
+    pytest.importorskip("uvicorn")
+    from gptoss_cli.engine import Engine
+
+    engine = Engine.load(tiny_hf_single, device="cpu", dtype="float32", max_context=SERVED_CONTEXT)
+    server, uv, url = start_server(engine, max_queue=8)
+    server.uvicorn = uv
+    yield server, url
+    stop_server(server, uv)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)

@@ -45,3 +45,32 @@ def test_gptoss_kernels_is_the_checkouts(tmp_path):
     """From anywhere (here an empty folder), ``gptoss_kernels`` is the installed project's."""
     out = _python("import gptoss_kernels; print(gptoss_kernels.__file__)", cwd=tmp_path)
     assert Path(out).read_bytes() == (ROOT / "kernels" / "gptoss_kernels" / "__init__.py").read_bytes()
+
+
+def _imports(module: Path) -> set[str]:
+    """The package's modules that ``module`` imports, at the top or inside functions."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    """Modules import downwards only: a circle (endpoint.py <-> evals.py once) means something both
+    need belongs below both."""
+    graph = {f.stem: _imports(f) for f in (ROOT / "gptoss_cli").glob("*.py")}
+    circles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep == path[0]:
+                circles.append(" -> ".join(path + [dep]))
+            elif dep not in path:
+                visit(dep, path + [dep])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    assert circles == []

@@ -124,7 +124,7 @@ def test_sampling_is_deterministic_with_a_seed(tiny_full):
 def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
     """``sample`` draws each token with its softmax probability (renormalised over the nucleus
     with top-p), whether the nucleus is found among the top-k or by sorting everything."""
-    from gptoss_cli import engine
+    from gptoss_cli import sampling
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0, 1.5, -2.0])
     probs = torch.softmax(logits / 0.9, -1)
@@ -135,9 +135,9 @@ def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
     want /= want.sum()
     n = 40_000
     for topk in (3, 1024):             # 3: the top-3 hold less than 0.7, so it sorts them all
-        monkeypatch.setattr(engine, "NUCLEUS_TOPK", topk)
+        monkeypatch.setattr(sampling, "NUCLEUS_TOPK", topk)
         gen = torch.Generator().manual_seed(5)
-        counts = torch.bincount(torch.tensor([engine.sample(logits, 0.9, top_p, gen) for _ in range(n)]),
+        counts = torch.bincount(torch.tensor([sampling.sample(logits, 0.9, top_p, gen) for _ in range(n)]),
                                 minlength=len(logits)).double()
         sigma = (want * (1 - want) / n).sqrt()
         assert ((counts / n - want).abs() <= 5 * sigma + 1e-12).all(), (counts / n, want)
@@ -145,7 +145,7 @@ def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
 
 
 def test_sampling_never_draws_a_token_without_mass():
-    from gptoss_cli.engine import _draw
+    from gptoss_cli.sampling import _draw
 
     gen = torch.Generator().manual_seed(0)
     weights = torch.tensor([0.0, 0.0, 3.0, 0.0, 1.0, 0.0])

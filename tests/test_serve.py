@@ -1,7 +1,7 @@
 """``gptoss serve`` through a real socket, with the official ``openai`` client; ``--endpoint``.
 
-One server per module (uvicorn in a background thread, the tiny random checkpoint, a free loopback
-port). The model is noise, so what is checked is the machinery: the wire formats the SDK parses,
+One server per module (``served`` in conftest.py: uvicorn in a background thread, the tiny random
+checkpoint, a free loopback port). The model is noise, so what is checked is the machinery: the wire formats the SDK parses,
 what a request renders to (against openai-harmony, the reference renderer), the queue (order,
 429, a client that goes away), errors, and that eval over the endpoint gives the in-process report.
 How a reply with reasoning and tool calls maps out is checked on real Harmony tokens of such a
@@ -11,11 +11,8 @@ reply, fed through the same ``ReplyBuilder`` the server runs, and validated with
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -27,39 +24,15 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from gptoss_cli.cli import app  # noqa: E402
-from gptoss_cli.engine import Engine  # noqa: E402
 from gptoss_cli.harmony import Message, render_message  # noqa: E402
-from gptoss_cli.serve import Server, bind  # noqa: E402
-from gptoss_cli.serve_api import ChatChunks, ReplyBuilder, chat_completion  # noqa: E402
+from gptoss_cli.serve import bind  # noqa: E402
+from gptoss_cli.serve_api import ChatChunks, Done, ReplyBuilder, chat_completion  # noqa: E402
 from gptoss_cli.serve_responses import ResponseEvents  # noqa: E402
 
-MODEL = "tiny"
-CONTEXT = 1024
+from conftest import SERVED_CONTEXT as CONTEXT, SERVED_MODEL as MODEL, launch_serve  # noqa: E402
+
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": WEATHER}}]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_hf_single):
-    """(Server, base URL) of a server on a free loopback port, for the whole module."""
-    engine = Engine.load(tiny_hf_single, device="cpu", dtype="float32", max_context=CONTEXT)
-    server = Server(engine, MODEL, max_queue=8)
-    sock = bind("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    uv.should_exit = True
-    thread.join(10)
-    server.worker.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
 
 
 def job(server, rid):
@@ -167,7 +140,7 @@ def test_reply_with_reasoning_and_a_tool_call_maps_to_what_the_sdk_reads(served)
     reply = turn[1:]                    # the prompt already opened <|start|>
     builder, chunks = ReplyBuilder(enc), ChatChunks("chatcmpl-x", MODEL)
     streamed = [chunks.of(d) for tok in reply for d in builder.feed(tok)] + [chunks.of(d) for d in builder.finish()]
-    full = ChatCompletion.model_validate(chat_completion("chatcmpl-x", MODEL, builder, "stop", 10, 0))
+    full = ChatCompletion.model_validate(chat_completion("chatcmpl-x", MODEL, [Done(builder, "stop", 10, 0)]))
     msg = full.choices[0].message
     assert full.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert msg.reasoning_content == "Check the weather."
@@ -189,8 +162,6 @@ def test_reply_with_reasoning_and_a_tool_call_maps_to_what_the_sdk_reads(served)
     events = ResponseEvents("resp_x", MODEL, {"input": "x"}, 10)
     b2 = ReplyBuilder(enc)
     stream = events.start() + [e for t in answer + turn for d in b2.feed(t) for e in events.add(d)]
-    from gptoss_cli.serve import Done
-
     stream += [e for d in b2.finish() for e in events.add(d)] + events.finish(Done(b2, "stop", 10, 0))
     adapter = TypeAdapter(ResponseStreamEvent)
     kinds = [type(adapter.validate_python(e)).__name__ for e in stream]
@@ -320,8 +291,17 @@ def test_bad_requests_get_error_objects_and_the_server_keeps_serving(served, cli
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
     user = [{"role": "user", "content": "x"}]
     for kw, param in [({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-                      ({"n": 2}, "n"), ({"reasoning_effort": "extreme"}, "reasoning_effort"),
-                      ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]")]:
+                      ({"n": 17}, "n"), ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+                      ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+                      ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
+                      ({"logit_bias": {"999999": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                      ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                      ({"store": True}, "store"), ({"tool_choice": "required"}, "tool_choice"),
+                      ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                      ({"extra_body": {"top_k": -2}}, "top_k"), ({"extra_body": {"min_p": 1.5}}, "min_p"),
+                      ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+                      ({"extra_body": {"min_tokens": 5}}, "min_tokens"),
+                      ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format")]:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**{"model": MODEL, "messages": user, **kw})
         assert e.value.body["param"] == param, kw
@@ -339,20 +319,10 @@ def test_bad_requests_get_error_objects_and_the_server_keeps_serving(served, cli
 
 
 def test_serve_command_says_where_it_listens_and_wants_the_api_key(tiny_hf_single):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "serve", "--model", str(tiny_hf_single), "--port", "0",
-                             "--context", "256", "--device", "cpu", "--api-key", "sekrit"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc, startup, url = launch_serve(tiny_hf_single, "--context", "256", "--api-key", "sekrit")
     try:
-        lines = []
-        while not any("gptoss serve:" in x for x in lines):
-            line = proc.stderr.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        startup = lines[-1]
         assert "127.0.0.1" in startup and str(tiny_hf_single) in startup and "RANDOM weights" in startup
         assert "cpu" in startup and "API key required" in startup
-        url = re.search(r"(http://\S+/v1)", startup).group(1)
         r = httpx.get(url + "/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         ok = openai.OpenAI(base_url=url, api_key="sekrit", max_retries=0)
