@@ -263,7 +263,7 @@ class Engine:
             info["triton"] = None
         if self.device.type == "cuda":
             info["cuda"] = torch.version.cuda
-            info["driver"] = _driver_version()
+            info["driver"] = selfcheck.driver_version()
         else:
             from .cpu_ops import cpu_threads
 
@@ -468,17 +468,6 @@ def _check_context(max_context: int, cfg: ModelConfig) -> int:
             f"use --context {cfg.max_context} or less",
         )
     return max_context
-
-
-def _driver_version() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def memory_stats(device: torch.device) -> dict:

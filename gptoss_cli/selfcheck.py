@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -442,6 +443,16 @@ def _source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def driver_version() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_facts(device: torch.device) -> dict:
     """What the check's result depends on besides the model: device, driver, versions."""
     facts = {"device": str(device.type), "torch": torch.__version__, "gptoss": __version__,
@@ -453,10 +464,8 @@ def machine_facts(device: torch.device) -> dict:
     except ImportError:
         facts["triton"] = None
     if device.type == "cuda":
-        from .engine import _driver_version
-
         facts["device_name"] = torch.cuda.get_device_name(device)
-        facts["driver"] = _driver_version()
+        facts["driver"] = driver_version()
         facts["cuda"] = torch.version.cuda
     else:
         from .cpu_ops import _cpu_flags, cpu_name, status

@@ -91,16 +91,17 @@ def test_a_bad_option_is_one_error_line(tmp_path, args, words):
 # ---- one temperature range ----------------------------------------------------------------------
 
 def test_one_temperature_range_for_chat_eval_and_serve(tmp_path):
+    from gptoss_cli.config import VOCAB_SIZE
     from gptoss_cli.serve_api import ApiError, chat_request
 
     body = {"messages": [{"role": "user", "content": "hi"}]}
     settings = Settings()
     settings.set("temperature", "2")
-    assert chat_request(body | {"temperature": 2}).temperature == settings.temperature == 2
+    assert chat_request(body | {"temperature": 2}, VOCAB_SIZE).sampling.temperature == settings.temperature == 2
     with pytest.raises(GptossError, match="between 0 and 2"):
         settings.set("temperature", "2.5")
     with pytest.raises(ApiError, match="at most 2"):
-        chat_request(body | {"temperature": 2.5})
+        chat_request(body | {"temperature": 2.5}, VOCAB_SIZE)
     for cmd in (["chat", "--temperature", "2.5", "-p", "hi"], ["eval", "arithmetic", "--temp", "2.5"]):
         r = _run(tmp_path, *cmd, timeout=120)
         assert r.returncode == 1 and len(_errors(r)) == 1 and "between 0 and 2" in r.stderr, r.stderr
