@@ -136,18 +136,22 @@ class DecodeStep:
     (reset, rewind, restore all copy), so the captured addresses stay valid.
     """
 
-    def __init__(self, model: Transformer, cache, graph: bool):
+    def __init__(self, model: Transformer, cache, graph: bool, counters: torch.Tensor | None = None):
         self.model = model
         self.cache = cache
         self.use_graph = graph
+        # the kernels' arrival counters this step counts with (its engine's; else its own), fixed
+        # before any capture, as the graph keeps their address
+        self.counters = counters if counters is not None else ops.new_kernel_counters(model.device)
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
         self.pos = torch.zeros((), dtype=torch.long, device=model.device)
         self.graph = None
         self.logits: torch.Tensor | None = None   # the graph's output buffer
 
     def _run(self) -> torch.Tensor:
-        h = self.model.forward(self.tok, self.cache, self.pos)
-        return self.model.logits(h[0, -1])
+        with ops.kernel_counters(self.counters):
+            h = self.model.forward(self.tok, self.cache, self.pos)
+            return self.model.logits(h[0, -1])
 
     def _capture(self) -> None:
         # Warm up on a side stream first (kernels compile, the allocator settles). The warm-up
@@ -197,6 +201,9 @@ class Engine:
         self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
         self.last_stats = GenerationStats()
         self._tokenizer = None
+        # this engine's own arrival counters for the kernels' last-program epilogues (arrive.py):
+        # two engines, or an engine beside another stream, never count into each other's
+        self.counters = ops.new_kernel_counters(self.device)
         if self.device.type == "cpu":
             from .cpu_ops import apply_thread_count
 
@@ -209,7 +216,7 @@ class Engine:
         # op fallen back to its reference is not captured in a graph)
         static = self.device.type == "cuda" and ops.use_kernels(self.device)
         graph = cuda_graph and not ops.fallbacks(self.device)
-        self._decoder = DecodeStep(model, self.cache, graph=graph) if static else None
+        self._decoder = DecodeStep(model, self.cache, graph=graph, counters=self.counters) if static else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -255,6 +262,11 @@ class Engine:
             pass
         self._reset()
         self.last_stats = GenerationStats()
+
+    def kernel_scope(self):
+        """A block whose kernels count with this engine's counters (wrap synchronous forward
+        passes that run outside the engine's own methods in it, as ``gptoss bench`` does)."""
+        return ops.kernel_counters(self.counters)
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -309,8 +321,9 @@ class Engine:
         out = []
         for s in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[s:s + PREFILL_CHUNK]
-            h = self.model.forward(self._tensor(chunk), self.cache, s)
-            out.append(self.model.logits(h[0]))
+            with self.kernel_scope():
+                h = self.model.forward(self._tensor(chunk), self.cache, s)
+                out.append(self.model.logits(h[0]))
             self.cached_tokens = tokens[:s + len(chunk)]
         return torch.cat(out).cpu()
 
@@ -422,11 +435,12 @@ class Engine:
 
     def _forward_chunks(self, tokens: list[int], start: int, end: int) -> torch.Tensor:
         """Prefill tokens[start:end] in chunks; the logits of the last one."""
-        for s in range(start, end, PREFILL_CHUNK):
-            chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
-            h = self.model.forward(self._tensor(chunk), self.cache, s)
-            self.cached_tokens = tokens[:s + len(chunk)]
-        return self.model.logits(h[0, -1])
+        with self.kernel_scope():
+            for s in range(start, end, PREFILL_CHUNK):
+                chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
+                h = self.model.forward(self._tensor(chunk), self.cache, s)
+                self.cached_tokens = tokens[:s + len(chunk)]
+            return self.model.logits(h[0, -1])
 
     def _keep_snapshot(self, snap: RingSnapshot) -> None:
         """Keep ``snap`` (replacing one of the same length); the newest MAX_SNAPSHOTS stay."""
@@ -437,7 +451,8 @@ class Engine:
         if self._decoder is not None:
             logits = self._decoder(tok, pos)
         else:
-            logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
+            with self.kernel_scope():
+                logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
         self.cached_tokens.append(tok)
         return logits
 
