@@ -95,33 +95,57 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """One token id from float32 logits [V]: greedy at temperature 0, else softmax(logits / T)
     restricted to the smallest set of tokens whose mass reaches ``top_p``.
 
-    Drawn by inverting the cumulative distribution with one uniform number (``_draw``): on a
+    The token is chosen on the logits' device and read back once: one device-to-host transfer a
+    token, whatever the settings (a transfer waits for the GPU, and a decode step is ~1 ms).
+    Drawn by inverting the cumulative distribution with one uniform number (``_draw_index``): on a
     CPU, ``torch.multinomial`` over the 201,088 tokens of gpt-oss takes 4-12 ms, a fifth of a
-    decode step, where this takes under half a millisecond. The nucleus is searched among the
-    ``NUCLEUS_TOPK`` most likely tokens first (a top-k instead of sorting the whole vocabulary:
-    18 ms on a CPU); when those hold less than ``top_p`` the whole vocabulary is sorted. Both give
-    the same nucleus."""
+    decode step, where this takes under half a millisecond."""
+    return int(_sample_index(logits, temperature, top_p, generator))
+
+
+def _sample_index(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """``sample``'s token id as a 0-d tensor on the logits' device (nothing read back)."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
+    if top_p >= 1.0:
+        return _draw_index(probs, generator)
+    top, order = _nucleus_candidates(probs, top_p)
+    keep = (torch.cumsum(top, 0) - top) < top_p     # always keeps the first
+    return order[_draw_index(torch.where(keep, top, torch.zeros_like(top)), generator)]
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities in descending order (and their token ids), enough of them to hold the top-p
+    nucleus. On a CPU, where a decision costs no transfer, the ``NUCLEUS_TOPK`` most likely first
+    (a top-k instead of sorting the whole vocabulary: 18 ms there), all of them sorted only when
+    those hold less than ``top_p``; elsewhere the whole vocabulary sorted (on a GPU, tens of
+    microseconds, against a transfer to decide). Both give the same nucleus and the same draw."""
+    if _decide_on_host(probs.device):
         top, order = torch.topk(probs, min(NUCLEUS_TOPK, probs.numel()))     # sorted, descending
-        if top.numel() < probs.numel() and float(top.sum()) < top_p:
-            top, order = torch.sort(probs, descending=True)
-        keep = (torch.cumsum(top, 0) - top) < top_p     # always keeps the first
-        return int(order[_draw(torch.where(keep, top, torch.zeros_like(top)), generator)])
-    return _draw(probs, generator)
+        if top.numel() == probs.numel() or float(top.sum()) >= top_p:
+            return top, order
+    return torch.sort(probs, descending=True)
+
+
+def _decide_on_host(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Index i with probability weights[i] / weights.sum() (weights >= 0, not all zero): the first
-    index whose running sum (float64) exceeds a uniform draw over the total."""
+    """``_draw_index``, read back."""
+    return int(_draw_index(weights, generator))
+
+
+def _draw_index(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Index i (0-d tensor) with probability weights[i] / weights.sum() (weights >= 0, not all
+    zero): the first index whose running sum (float64) exceeds a uniform draw over the total; where
+    the draw rounds up to the total, the last index that has mass."""
     cdf = torch.cumsum(weights, 0, dtype=torch.float64)
     u = torch.rand((), generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u.reshape(1), right=True))
-    if i >= weights.numel():      # u rounded up to the total: the last token that has mass
-        i = int(torch.nonzero(weights)[-1])
-    return i
+    i = torch.searchsorted(cdf, u.reshape(1), right=True)[0]
+    last = weights.numel() - 1 - torch.argmax(torch.flip(weights > 0, (0,)).to(torch.uint8))
+    return torch.where(i >= weights.numel(), last, i)
 
 
 class DecodeStep:
@@ -169,7 +193,10 @@ class DecodeStep:
 
     def __call__(self, tok: int, pos: int) -> torch.Tensor:
         """float32 logits [vocab] after ``tok`` at ``pos`` (the graph's buffer: use before the
-        next call)."""
+        next call). A position outside the cache is refused: the kernels would write past it."""
+        if not 0 <= pos < self.cache.max_context:
+            raise ContextFullError(f"position {pos} is past the cache's {self.cache.max_context} positions",
+                                   "start a new conversation or raise --context")
         self.tok.fill_(tok)
         self.pos.fill_(pos)
         self.cache.dirty = True

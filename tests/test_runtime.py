@@ -134,14 +134,54 @@ def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
     want[order[keep]] = probs[order[keep]]
     want /= want.sum()
     n = 40_000
-    for topk in (3, 1024):             # 3: the top-3 hold less than 0.7, so it sorts them all
-        monkeypatch.setattr(engine, "NUCLEUS_TOPK", topk)
+    # 3: the top-3 hold less than 0.7, so it sorts them all; None: a GPU's way, always sorted
+    for topk in (3, 1024, None):
+        monkeypatch.setattr(engine, "NUCLEUS_TOPK", topk or 1024)
+        monkeypatch.setattr(engine, "_decide_on_host", lambda device, host=topk is not None: host)
         gen = torch.Generator().manual_seed(5)
         counts = torch.bincount(torch.tensor([engine.sample(logits, 0.9, top_p, gen) for _ in range(n)]),
                                 minlength=len(logits)).double()
         sigma = (want * (1 - want) / n).sqrt()
         assert ((counts / n - want).abs() <= 5 * sigma + 1e-12).all(), (counts / n, want)
         assert counts[want == 0].sum() == 0
+
+
+def test_sampling_chooses_on_the_device_and_reads_back_once(monkeypatch):
+    """At most one device-to-host transfer a token: every way of turning a tensor into a Python
+    number is counted while ``sample`` runs the way it does on a GPU (no decision on the host),
+    greedy, at a temperature, with top-p; and it draws what the CPU's way draws."""
+    from gptoss_cli import engine
+
+    reads = []
+    for name in ("__int__", "__float__", "__bool__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: (reads.append(_n),
+                                                                                          _real(self, *a, **k))[1])
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    for host in (False, True):
+        monkeypatch.setattr(engine, "_decide_on_host", lambda device, host=host: host)
+        drawn = []
+        for temperature, top_p in ((0.0, 1.0), (0.8, 1.0), (0.8, 0.9), (0.8, 0.999)):
+            reads.clear()
+            drawn.append(engine.sample(logits, temperature, top_p, torch.Generator().manual_seed(1)))
+            assert host or len(reads) == 1, (temperature, top_p, reads)
+        if host:
+            assert drawn == on_device
+        on_device = drawn
+
+
+def test_decode_step_refuses_a_position_past_the_cache(tiny_full):
+    """The static step writes the KV cache at ``pos`` on the device, unchecked there: a position
+    past the cache must stop it on the host, with an error a user can read."""
+    from gptoss_cli.engine import DecodeStep
+    from gptoss_cli.errors import ContextFullError
+
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32", max_context=32)
+    step = DecodeStep(eng.model, eng.cache, graph=False)
+    for pos in (32, 1000, -1):
+        with pytest.raises(ContextFullError, match="past the cache's 32 positions"):
+            step(5, pos)
+    assert eng.cache.length == 0
 
 
 def test_sampling_never_draws_a_token_without_mass():
