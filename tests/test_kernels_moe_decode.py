@@ -17,6 +17,8 @@ from kernels_util import HAS_CUDA, moe_weights, poison_allocations, rel_err  # n
 
 from gptoss_cli import ops
 
+DEV = "cuda" if HAS_CUDA else "cpu"
+
 
 def _rounded_reference(x, w, weights, experts, limit):
     """``ops.moe`` in float32 from x's values, rounding the SwiGLU output to x's dtype where the
@@ -47,9 +49,8 @@ def assert_one_rounding(tri: torch.Tensor, ref: torch.Tensor):
 def test_moe_gemv_bf16(N, E, D, F, top_k):
     """The bf16 decode GEMVs (tensor cores on a GPU; under the interpreter the same dequantised
     values, multiplied in fp32): one rounding from the exact result, and close to ``ops.moe``."""
-    dev = "cuda" if HAS_CUDA else "cpu"
-    w = moe_weights(E, D, F, torch.bfloat16, dev, seed=N + E)
-    x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(dev, torch.bfloat16)
+    w = moe_weights(E, D, F, torch.bfloat16, DEV, seed=N + E)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(N)).to(DEV, torch.bfloat16)
     weights, experts = moe.route_torch(x, w["router_w"], w["router_b"], top_k)
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], top_k, 7.0)
@@ -76,7 +77,7 @@ def _lazy_experts(E, D, F, used, dtype, seed):
             blocks[e] = torch.randint(0, 256, blocks.shape[1:], generator=g, dtype=torch.uint8)
             scales[e] = torch.randint(118, 123, scales.shape[1:], generator=g, dtype=torch.uint8)
             bias[e] = torch.randn(bias.shape[1:], generator=g).to(dtype)
-    return w
+    return {k: v.to(DEV) for k, v in w.items()}
 
 
 @pytest.mark.slow
@@ -90,9 +91,9 @@ def test_moe_gemv_real_shapes(E, dtype):
     D = F = 2880
     used = [E - 1, 1, E // 2, 0]
     w = _lazy_experts(E, D, F, used, dtype, seed=E)
-    x = torch.randn(1, D, generator=torch.Generator().manual_seed(E)).to(dtype)
-    weights = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
-    experts = torch.tensor([used])
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(E)).to(DEV, dtype)
+    weights = torch.tensor([[0.4, 0.3, 0.2, 0.1]], device=DEV)
+    experts = torch.tensor([used], device=DEV)
     tri_y = moe.moe(x, None, None, w["w1_blocks"], w["w1_scales"], w["w1_bias"], w["w2_blocks"],
                     w["w2_scales"], w["w2_bias"], 4, 7.0, routing=(weights, experts))
     if dtype == torch.float32:
@@ -119,11 +120,12 @@ def test_moe_big_scales_take_the_grouped_gemms():
 
 
 @pytest.mark.usefixtures("poison_allocations")
-def test_moe_gemv_repeats_bit_for_bit():
-    """The last program of each row block sums the experts' rows and resets its counter: a second
-    call (a graph replay) gives the same bits, and every counter is back at zero."""
-    w = moe_weights(8, 96, 160, torch.float32, "cpu", seed=5)
-    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_moe_gemv_repeats_bit_for_bit(dtype):
+    """The last program of each row block (of each K part, for bf16) adds the parts and resets its
+    counter: a second call (a graph replay) gives the same bits, and every counter is back at 0."""
+    w = moe_weights(8, 96, 160, dtype, DEV, seed=5)
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(5)).to(DEV, dtype)
     args = (x, w["router_w"], w["router_b"], w["w1_blocks"], w["w1_scales"], w["w1_bias"],
             w["w2_blocks"], w["w2_scales"], w["w2_bias"], 4, 7.0)
     first = moe.moe(*args)
