@@ -17,6 +17,7 @@ Needs TRITON_INTERPRET unset or 0; ``test_kernels_compile.py`` runs it in a subp
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -111,7 +112,9 @@ def _sass_loop(kernel, values_per_iteration: int) -> dict:
     body = max(loops, key=len)                          # the weight loop (the others are epilogues)
     loads = [m.group(0) for m in (re.search(r"\bLDG(?!DEPBAR)\S*", i) for i in body) if m]
     threads = kernel.metadata.num_warps * 32
+    opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
     return {"sass_loop_instructions": len(body),
+            "sass_loop_top_ops": dict(opcodes.most_common(8)),
             "sass_loop_loads": {w: loads.count(w) for w in sorted(set(loads))},
             "sass_loop_barriers": sum(1 for i in body if re.search(r"\bBAR\.", i)),
             "sass_per_weight_value": round(len(body) / (values_per_iteration / threads), 2)}
