@@ -40,7 +40,7 @@ import triton.language as tl
 from gptoss_cli import ops
 
 from .arrive import arrive, counters, reset
-from .moe_decode import DECODE_MAX_TOKENS, gemv_moe, scales_fit
+from .moe_decode import DECODE_MAX_TOKENS, _swiglu, gemv_moe, scales_fit
 
 # DECODE_MAX_TOKENS: up to that many tokens the GEMVs (moe_decode.py) read one expert matrix per
 # (token, slot) pair. Past it the grouped GEMMs read each chosen expert once: the 8-token tail
@@ -70,13 +70,6 @@ def _load_mxfp4(Blocks, Scales, rows, row_ok, c, c_ok, n_bytes):
     s = tl.load(Scales + rows64[:, None] * (n_bytes // 16) + (c // 16)[None, :], mask=mask, other=127)
     scale = tl.math.exp2(s.to(tl.float32) - 127.0)
     return _fp4_to_f32(byte & 15) * scale, _fp4_to_f32(byte >> 4) * scale
-
-
-@triton.jit
-def _swiglu(gate, lin, limit):
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    return gate * tl.sigmoid(1.702 * gate) * (lin + 1.0)
 
 
 # ---- router -----------------------------------------------------------------------------------
