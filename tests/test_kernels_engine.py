@@ -91,7 +91,7 @@ def test_two_engines_count_with_their_own_counters(tiny_full, ref_engine, monkey
     monkeypatch.setattr(arrive, "counters", lambda device, n: seen.append(real(device, n)) or seen[-1])
     for mod in ("moe", "moe_decode", "attention"):
         monkeypatch.setattr(f"gptoss_kernels.{mod}.counters", arrive.counters)
-    kw = dict(max_new_tokens=6, temperature=0)
+    kw = dict(max_new_tokens=4, temperature=0)
     runs = {a: a.generate(PROMPT[:12], **kw), b: b.generate(PROMPT[3:15], **kw)}
     got = {a: [], b: []}
     while runs:

@@ -3,8 +3,7 @@
 At batch 1 these two launches read ~53 MB a layer (4 experts, MXFP4 at 4.25 bits) and nothing else
 of note, so they must run at copy bandwidth, and copy bandwidth leaves ~5.3 SASS instructions per
 weight value on an H100 and ~3.7 on an H200 (DESIGN.md 5). The bf16 path is designed to spend at
-most 4 (``tests/kernels_compile_check.py --budget`` counts the compiled loop; PERF.md has the
-figures):
+most 4 (``tests/kernels_budget.py`` counts the compiled loop; PERF.md has the figures):
 
 - **a coalesced tile, laid out as the tensor core wants it.** A thread reads 16 bytes (4 words of
   8 codes) of each of its rows per iteration, lanes along a row's bytes. The dot's K order is
@@ -17,19 +16,19 @@ figures):
   by ``2^a + 2^b`` places the magnitude (into bf16's exponent and top mantissa bit) and the sign
   in one go, one AND masks the copies (3 instructions a pair); that is the code's value times
   2^-126 (``e = 0`` lands on bf16's subnormals), and one bf16x2 multiply by the group's
-  ``2^(s-1)`` applies the E8M0 scale and makes it normal (the idea of Marlin's FP4 dequant,
-  arXiv:2408.11743; tensor cores see only normal numbers);
+  ``2^(s-1)`` applies the E8M0 scale and makes it normal (the bit placement of the Marlin
+  kernels' FP4 dequantisation, cf. arXiv:2408.11743; tensor cores see only normal numbers);
 - **tensor-core products**: ``tl.dot`` with the weight tile as M (wgmma on Hopper) and the
   activations broadcast to N = 16 (the minimum), accumulating in fp32; column 0 is the result;
 - **loads in flight across iterations**: the loop is software-pipelined (``num_stages``: cp.async
   into shared memory two chunks ahead);
 - **a grid over the SMs**: 128-row tiles, split along K (2 parts for W1, 4 for W2) so both launches
-  have ~360 programs, 2.7 a CTA slot on 132 SMs; the last of a row block's parts (``arrive.py``)
+  have ~360 programs, 2.7 an SM on 132 SMs; the last of a row block's parts (``arrive.py``)
   adds them in a fixed order.
 
 Exactness: every product is exact in the tensor core (bf16 x bf16 into fp32). The scale
-multiply is exact for E8M0 scales up to 2^1 (``s <= 128``, weights up to 12 in magnitude, which
-every gpt-oss checkpoint satisfies); larger scales would overflow the ``2^(s-1)`` factor, so
+multiply is exact for E8M0 scales up to 2^1 (``s <= 128``, weights up to 12 in magnitude: far
+beyond a trained MLP's); larger scales would overflow the ``2^(s-1)`` factor, so
 ``moe`` checks the scales once per weight tensor (``scales_fit``) and sends such weights to the
 grouped GEMMs, which are exact for any scale.
 
