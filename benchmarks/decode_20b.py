@@ -62,6 +62,16 @@ def bytes_per_token(cfg: ModelConfig, context: int, act_bytes: int = 2) -> dict[
             "total": cfg.n_layers * per_layer + unembed + kv}
 
 
+def memory_needed(cfg: ModelConfig, context: int, act_bytes: int = 2) -> float:
+    """Bytes a random-weight engine of ``cfg`` needs on the device: the weights (experts packed at
+    4.25 bits, the rest in the activation dtype), the KV cache, and 4 GB for prefill activations,
+    the logits and the allocator's slack. gpt-oss-120b at 2k: ~66 GB, so an 80 GB H100 holds it."""
+    counts = cfg.param_counts()
+    dense = sum(v for k, v in counts.items() if k not in ("experts", "active_experts"))
+    kv = 2 * cfg.n_layers * context * cfg.n_kv_heads * cfg.d_head * act_bytes
+    return counts["experts"] * 4.25 / 8 + dense * act_bytes + kv + 4e9
+
+
 def profile_step(eng: Engine, tok: int, pos: int, top: int = 15) -> list[dict]:
     """CUDA time per kernel over one decode step, run eagerly (a replayed graph hides them)."""
     from torch.profiler import ProfilerActivity, profile
@@ -97,6 +107,10 @@ def main(argv=None) -> int:
 
     cfg = PRESETS[args.preset]
     ctx = args.prompt_len + args.gen + 16
+    need, have = memory_needed(cfg, ctx), torch.cuda.get_device_properties(0).total_memory
+    if need > have:        # a clear skip, not an out-of-memory error minutes in
+        print(f"skipped: {args.preset} at {ctx} tokens needs ~{need / 1e9:.0f} GB, the GPU has {have / 1e9:.0f} GB")
+        return 3
     t0 = time.perf_counter()
     eng = Engine.random(cfg, device="cuda", dtype=args.dtype, max_context=ctx, seed=0,
                         cuda_graph=not args.no_graph)

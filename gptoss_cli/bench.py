@@ -270,8 +270,9 @@ def execute(opts: Options, progress: bool = False) -> dict:
         t = time.perf_counter()
         system, warnings = _system(engine, opts)    # imports triton: seconds, not nothing
         timing["info_s"] = time.perf_counter() - t
-        results = [_measure_config(engine, opts, P, B, d, bandwidth["gbps"], timing, bar)
-                   for P, B, d in _configs(opts)]
+        with engine.kernel_scope():         # its forward passes count with the engine's counters
+            results = [_measure_config(engine, opts, P, B, d, bandwidth["gbps"], timing, bar)
+                       for P, B, d in _configs(opts)]
     timing["wall_s"] = time.perf_counter() - t_start
     cfg = engine.config
     counts = cfg.param_counts()
@@ -483,7 +484,8 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
     prompt = _tokens(B, P, cfg.vocab_size, opts.seed, dev)
     label = f"prompt {P}, batch {B}, depth {depth}"
     # batch 1 decodes through the engine's static step (CUDA graph) when it has one, as chat does
-    step = DecodeStep(engine.model, cache, engine._decoder.use_graph) if B == 1 and engine._decoder else None
+    step = (DecodeStep(engine.model, cache, engine._decoder.use_graph, counters=engine.counters)
+            if B == 1 and engine._decoder else None)
     for i in range(opts.warmup):
         bar.step(f"{label}: warm-up {i + 1}/{opts.warmup}")
         timing["warmup_s"] += _one_run(engine, cache, prompt, depth, G, snap, step)["wall_s"]

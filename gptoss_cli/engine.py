@@ -101,18 +101,22 @@ class DecodeStep:
     (reset, rewind, restore all copy), so the captured addresses stay valid.
     """
 
-    def __init__(self, model: Transformer, cache, graph: bool):
+    def __init__(self, model: Transformer, cache, graph: bool, counters: torch.Tensor | None = None):
         self.model = model
         self.cache = cache
         self.use_graph = graph
+        # the kernels' arrival counters this step counts with (its engine's; else its own), fixed
+        # before any capture, as the graph keeps their address
+        self.counters = counters if counters is not None else ops.new_kernel_counters(model.device)
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
         self.pos = torch.zeros((), dtype=torch.long, device=model.device)
         self.graph = None
         self.logits: torch.Tensor | None = None   # the graph's output buffer
 
     def _run(self) -> torch.Tensor:
-        h = self.model.forward(self.tok, self.cache, self.pos)
-        return self.model.logits(h[0, -1])
+        with ops.kernel_counters(self.counters):
+            h = self.model.forward(self.tok, self.cache, self.pos)
+            return self.model.logits(h[0, -1])
 
     def _capture(self) -> None:
         # Warm up on a side stream first (kernels compile, the allocator settles). The warm-up
@@ -130,7 +134,10 @@ class DecodeStep:
 
     def __call__(self, tok: int, pos: int) -> torch.Tensor:
         """float32 logits [vocab] after ``tok`` at ``pos`` (the graph's buffer: use before the
-        next call)."""
+        next call). A position outside the cache is refused: the kernels would write past it."""
+        if not 0 <= pos < self.cache.max_context:
+            raise ContextFullError(f"position {pos} is past the cache's {self.cache.max_context} positions",
+                                   "start a new conversation or raise --context")
         self.tok.fill_(tok)
         self.pos.fill_(pos)
         self.cache.dirty = True
@@ -162,6 +169,9 @@ class Engine:
         self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
         self.last_stats = GenerationStats()
         self._tokenizer = None
+        # this engine's own arrival counters for the kernels' last-program epilogues (arrive.py):
+        # two engines, or an engine beside another stream, never count into each other's
+        self.counters = ops.new_kernel_counters(self.device)
         if self.device.type == "cpu":
             from .cpu_ops import apply_thread_count
 
@@ -169,12 +179,13 @@ class Engine:
         # the fast ops checked against their references on this machine (cached on disk); one
         # that fails runs its reference from now on (selfcheck.py)
         if check:
-            selfcheck.check_engine(model)
+            with ops.kernel_counters(self.counters):
+                selfcheck.check_engine(model)
         # static decode step: CUDA with the kernels (the reference MoE syncs with the host, so an
         # op fallen back to its reference is not captured in a graph)
         static = self.device.type == "cuda" and ops.use_kernels(self.device)
         graph = cuda_graph and not ops.fallbacks(self.device)
-        self._decoder = DecodeStep(model, self.cache, graph=graph) if static else None
+        self._decoder = DecodeStep(model, self.cache, graph=graph, counters=self.counters) if static else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -220,6 +231,11 @@ class Engine:
             pass
         self._reset()
         self.last_stats = GenerationStats()
+
+    def kernel_scope(self):
+        """A block whose kernels count with this engine's counters (wrap synchronous forward
+        passes that run outside the engine's own methods in it, as ``gptoss bench`` does)."""
+        return ops.kernel_counters(self.counters)
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -374,9 +390,11 @@ class Engine:
         self._reset()
         for s in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[s:s + PREFILL_CHUNK]
-            h = self.model.forward(self._tensor(chunk), self.cache, s)
+            with self.kernel_scope():                  # never held across the yield
+                h = self.model.forward(self._tensor(chunk), self.cache, s)
+                logits = self.model.logits(h[0])
             self.cached_tokens = tokens[:s + len(chunk)]
-            yield s, self.model.logits(h[0])
+            yield s, logits
 
     def _tensor(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor([tokens], dtype=torch.long, device=self.device)     # [1, T]
@@ -431,11 +449,12 @@ class Engine:
 
     def _forward_chunks(self, tokens: list[int], start: int, end: int) -> torch.Tensor:
         """Prefill tokens[start:end] in chunks; the logits of the last one."""
-        for s in range(start, end, PREFILL_CHUNK):
-            chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
-            h = self.model.forward(self._tensor(chunk), self.cache, s)
-            self.cached_tokens = tokens[:s + len(chunk)]
-        return self.model.logits(h[0, -1])
+        with self.kernel_scope():
+            for s in range(start, end, PREFILL_CHUNK):
+                chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
+                h = self.model.forward(self._tensor(chunk), self.cache, s)
+                self.cached_tokens = tokens[:s + len(chunk)]
+            return self.model.logits(h[0, -1])
 
     def _keep_snapshot(self, snap: RingSnapshot) -> None:
         """Keep ``snap`` (replacing one of the same length); the newest MAX_SNAPSHOTS stay."""
@@ -446,7 +465,8 @@ class Engine:
         if self._decoder is not None:
             logits = self._decoder(tok, pos)
         else:
-            logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
+            with self.kernel_scope():
+                logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
         self.cached_tokens.append(tok)
         return logits
 

@@ -177,6 +177,29 @@ def _kernel_op(module: str, kernels: tuple[str, ...], cpu: str | None = None):
     return deco
 
 
+def new_kernel_counters(device: torch.device) -> torch.Tensor | None:
+    """A fresh buffer of the arrival counters the kernels' last-program epilogues count with
+    (``gptoss_kernels.arrive``), for one engine: None where the kernels do not run."""
+    if not use_kernels(device):
+        return None
+    from gptoss_kernels import arrive
+
+    return arrive.new_counters(device)
+
+
+@contextlib.contextmanager
+def kernel_counters(buffer: torch.Tensor | None):
+    """Kernels launched inside the block count with ``buffer`` (``new_kernel_counters``); None:
+    nothing changes. Enter it around synchronous work only, never across a ``yield``."""
+    if buffer is None:
+        yield
+        return
+    from gptoss_kernels import arrive
+
+    with arrive.using(buffer):
+        yield
+
+
 def kernel_names(device: torch.device) -> list[str]:
     """The Triton kernels the ops run on ``device`` ([] on the reference path; an op switched to
     its reference by ``fall_back`` takes its kernels off the list unless another op runs them)."""

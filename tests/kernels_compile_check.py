@@ -9,13 +9,15 @@ cubin with Triton's bundled ptxas and stops there. Outputs are garbage and ignor
 
 Run: ``python tests/kernels_compile_check.py [sm_90|sm_80] [--ptxas]`` (one JSON line per
 kernel specialisation: shared memory, and with ``--ptxas`` registers and spills from ``ptxas -v``
-and, for the MoE decode GEMVs, their weight loop from the SASS: instructions, global loads by
-width (``LDG.E.128`` is 16 bytes) and instructions per weight value per thread).
+and, for the MoE decode GEMVs, their weight loop from the SASS: instructions, loads by width
+(``LDG.E.128`` is 16 bytes), barriers and instructions per weight value per thread).
+``kernels_budget.py`` holds the decode GEMVs to their instruction budget with the same tools.
 Needs TRITON_INTERPRET unset or 0; ``test_kernels_compile.py`` runs it in a subprocess.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -83,8 +85,10 @@ def _ptxas(kernel, arch: int) -> dict:
 
 
 def _sass_loop(kernel, values_per_iteration: int) -> dict:
-    """The innermost loop that loads weights, from the cubin's SASS (nvdisasm): instructions in
-    it, its global loads by width, and instructions per weight value per thread."""
+    """The loop that streams the weights, from the cubin's SASS (nvdisasm): its instructions, its
+    weight loads by width (``LDG.E.128``: 16 bytes into registers; ``LDGSTS``: copies into shared
+    memory, what a software-pipelined loop issues), barriers, and instructions per weight value
+    per thread."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
@@ -102,15 +106,27 @@ def _sass_loop(kernel, values_per_iteration: int) -> dict:
             back = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", ins.group(1))
             if back and back.group(1) in labels:        # a backward branch closes a loop
                 loops.append(lines[labels[back.group(1)]:])
-    loops = [body for body in loops if any("LDG" in i for i in body)]
+    loops = [body for body in loops if any(re.search(r"\bLDG", i) for i in body)]
     if not loops:
         return {"sass_loop": None}
-    body = min(loops, key=len)
-    loads = [re.search(r"LDG\S*", i).group(0) for i in body if "LDG" in i]
+    body = max(loops, key=len)                          # the weight loop (the others are epilogues)
+    loads = [m.group(0) for m in (re.search(r"\bLDG(?!DEPBAR)\S*", i) for i in body) if m]
     threads = kernel.metadata.num_warps * 32
+    opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in body)
     return {"sass_loop_instructions": len(body),
+            "sass_loop_top_ops": dict(opcodes.most_common(8)),
             "sass_loop_loads": {w: loads.count(w) for w in sorted(set(loads))},
+            "sass_loop_barriers": sum(1 for i in body if re.search(r"\bBAR\.", i)),
             "sass_per_weight_value": round(len(body) / (values_per_iteration / threads), 2)}
+
+
+def gemv_values_per_iteration(consts: dict) -> int:
+    """Weight values one iteration of a decode GEMV's loop reads (``moe_decode``'s tiles)."""
+    from gptoss_kernels import moe_decode
+
+    rows = consts["BLOCK_R"]
+    groups = moe_decode.DOT_GROUPS if consts["DOT"] else (16 if rows <= 32 else 8)
+    return rows * groups * 32
 
 
 GEMVS = ("_moe_gemv1", "_moe_gemv2")
@@ -156,8 +172,9 @@ def exercise(dtype: torch.dtype, n_experts: int = 32) -> None:
 
         moe.route = route_then_valid
         blocks = lambda *s: torch.randint(0, 256, s, generator=g, dtype=torch.uint8)  # noqa: E731
-        moe.moe(x, rnd(E, D), rnd(E), blocks(E, 2 * F, D // 32, 16), blocks(E, 2 * F, D // 32),
-                rnd(E, 2 * F), blocks(E, D, F // 32, 16), blocks(E, D, F // 32), rnd(E, D), 4, 7.0)
+        scales = lambda *s: torch.randint(100, 129, s, generator=g, dtype=torch.uint8)  # noqa: E731  (real ones)
+        moe.moe(x, rnd(E, D), rnd(E), blocks(E, 2 * F, D // 32, 16), scales(E, 2 * F, D // 32),
+                rnd(E, 2 * F), blocks(E, D, F // 32, 16), scales(E, D, F // 32), rnd(E, D), 4, 7.0)
         moe.route = route
 
 
@@ -183,7 +200,7 @@ def main(argv: list[str]) -> int:
         if "--ptxas" in argv:
             row |= _ptxas(kern, arch)
             if kern.name in GEMVS:
-                row |= _sass_loop(kern, consts["BLOCK_R"] * consts["BLOCK_G"] * 32)
+                row |= _sass_loop(kern, gemv_values_per_iteration(consts))
         if kern.metadata.shared > SMEM_LIMIT[arch]:
             row["error"] = "shared memory over the limit"
             bad += 1

@@ -32,7 +32,7 @@ def _kernel_engine(folder, monkeypatch, static_decode: bool) -> Engine:
     # a short context: the static step attends over the whole buffer, slow under the interpreter
     eng = Engine.load(folder, device="cpu", dtype="float32", max_context=128)
     if static_decode:        # the step the CUDA graph captures, run eagerly
-        eng._decoder = DecodeStep(eng.model, eng.cache, graph=False)
+        eng._decoder = DecodeStep(eng.model, eng.cache, graph=False, counters=eng.counters)
     return eng
 
 
@@ -73,6 +73,39 @@ def test_batched_forward_on_kernels(tiny_full, ref_engine, monkeypatch):
         tri_h = eng.model.forward(toks, caches[0], start)
         ref_h = ref_engine.model.forward(toks, caches[1], start)
         assert rel_err(tri_h, ref_h) < 1e-4
+
+
+@interpreted
+def test_two_engines_count_with_their_own_counters(tiny_full, ref_engine, monkeypatch):
+    """The kernels' last-program counters belong to an engine (``arrive.py``): two engines get
+    distinct buffers, each one's kernels count only with its own, and two generations
+    interleaved token by token (each engine's step between the other's) both stay exact."""
+    from gptoss_kernels import arrive
+
+    a = _kernel_engine(tiny_full, monkeypatch, static_decode=True)
+    b = _kernel_engine(tiny_full, monkeypatch, static_decode=False)
+    assert a.counters is not None and b.counters is not None
+    assert a.counters.data_ptr() != b.counters.data_ptr() and a._decoder.counters is a.counters
+    seen = []
+    real = arrive.counters
+    monkeypatch.setattr(arrive, "counters", lambda device, n: seen.append(real(device, n)) or seen[-1])
+    for mod in ("moe", "moe_decode", "attention"):
+        monkeypatch.setattr(f"gptoss_kernels.{mod}.counters", arrive.counters)
+    kw = dict(max_new_tokens=4, temperature=0)
+    runs = {a: a.generate(PROMPT[:12], **kw), b: b.generate(PROMPT[3:15], **kw)}
+    got = {a: [], b: []}
+    while runs:
+        for eng in list(runs):
+            seen.clear()
+            try:
+                got[eng].append(next(runs[eng]))
+            except StopIteration:
+                del runs[eng]
+                continue
+            assert all(buf is eng.counters for buf in seen), "a kernel counted with another engine's buffer"
+    assert got[a] == list(ref_engine.generate(PROMPT[:12], **kw))
+    assert got[b] == list(ref_engine.generate(PROMPT[3:15], **kw))
+    assert not a.counters.any() and not b.counters.any()
 
 
 def test_cpu_engine_reports_its_path(tiny_full, monkeypatch):

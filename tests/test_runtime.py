@@ -144,6 +144,20 @@ def test_sampling_draws_the_softmax_distribution(monkeypatch, top_p):
         assert counts[want == 0].sum() == 0
 
 
+def test_decode_step_refuses_a_position_past_the_cache(tiny_full):
+    """The static step writes the KV cache at ``pos`` on the device, unchecked there: a position
+    past the cache must stop it on the host, with an error a user can read."""
+    from gptoss_cli.engine import DecodeStep
+    from gptoss_cli.errors import ContextFullError
+
+    eng = Engine.load(tiny_full, device="cpu", dtype="float32", max_context=32)
+    step = DecodeStep(eng.model, eng.cache, graph=False)
+    for pos in (32, 1000, -1):
+        with pytest.raises(ContextFullError, match="past the cache's 32 positions"):
+            step(5, pos)
+    assert eng.cache.length == 0
+
+
 def test_sampling_never_draws_a_token_without_mass():
     from gptoss_cli.sampling import _draw
 

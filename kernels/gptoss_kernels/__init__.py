@@ -6,10 +6,11 @@ its PyTorch reference in ``gptoss_cli.ops``, and that reference as ``<op>_torch`
 - ``norm``: RMSNorm, and the residual add fused with it (``add_rmsnorm``);
 - ``rope``: RoPE on q and k fused with the write of k, v into the KV cache (``rope_store``);
 - ``attention``: causal GQA flash attention with sinks and a sliding window, split-K for decode;
-- ``moe``: router top-k (alone, or fused with the residual add and norm), MXFP4 expert GEMVs
-  (decode) and grouped GEMMs (prefill), dequantising in registers;
-- ``arrive``: the per-device counters with which the last program of a split piece of work
-  combines the parts (router, expert sum, split-K attention) in the same launch.
+- ``moe``: router top-k (alone, or fused with the residual add and norm) and the MXFP4 experts'
+  grouped GEMMs (prefill), dequantising in registers; ``moe_decode``: the experts' GEMVs
+  (decode), held to an instruction budget (``tests/kernels_budget.py``);
+- ``arrive``: the counters (one buffer per engine) with which the last program of a split piece
+  of work combines the parts (router, expert sum, split-K attention) in the same launch.
 
 ``gptoss_cli.ops`` picks the kernel on CUDA and the reference elsewhere (``GPTOSS_KERNELS``
 overrides). Triton is imported here at module import: import these modules only where triton is

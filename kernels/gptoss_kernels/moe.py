@@ -14,16 +14,10 @@ The expert MLP of gpt-oss: ``h = W1 x + b1`` (rows interleaved: even = gate, odd
   token's programs taking the top-k by repeated argmax (ties: lowest expert; NaN never wins and
   the ids are always k distinct experts) and the softmax over the k. ``_add_rmsnorm_route_kernel``
   does the same after the residual add and the MoE's RMSNorm, in one launch (``arrive.py``);
-- decode, a handful of tokens (memory-bound GEMVs over the chosen experts only, grid: blocks of
-  rows x (token, slot) pairs, 360 programs for 20b and 120b alike): ``_moe_gemv1`` reads the
-  gate and linear rows of 32 outputs as one contiguous 64-row tile and applies the SwiGLU as its
-  epilogue; ``_moe_gemv2`` writes each pair's router-weighted ``W2 a + b2`` rows, and the last
-  of a token's k pairs to finish a row block sums them in slot order. Inside both
-  (``_mxfp4_gemv_rows``) each thread loads whole 16-byte groups of codes (one 128-bit load: the
-  32 values that share a scale), turns the codes into floats by placing their bits into an
-  fp16's (``_fp4x2_to_f32``), sums the 32 products in registers, applies the E8M0 scale once per
-  group as an exponent, and the sum across threads happens once, after the loop. Activations
-  come as words of two (``_pairs``), so they too arrive 16 bytes at a time;
+- decode, a handful of tokens (``moe_decode.py``): ``_moe_gemv1`` (W1 with the SwiGLU epilogue)
+  and ``_moe_gemv2`` (W2, the last of a token's k pairs summing them in slot order) read only
+  the chosen experts, ~360 programs each; bf16 runs on the tensor cores within an instruction
+  budget (that module's docstring), fp32 and fp16 on the CUDA cores;
 - prefill, many tokens (tiled grouped GEMM, cf. MegaBlocks arXiv:2211.15841 and triton_kernels'
   ``matmul_ogs``): the (token, expert) pairs are sorted by expert and cut into tiles of
   ``BLOCK_M`` rows of one expert (a tile table built on the device, no host sync). ``_moe_gemm1``
@@ -46,12 +40,12 @@ import triton.language as tl
 from gptoss_cli import ops
 
 from .arrive import arrive, counters, reset
+from .moe_decode import DECODE_MAX_TOKENS, _swiglu, gemv_moe, scales_fit
 
-# Up to this many tokens: the GEMVs, which read one expert matrix per (token, slot) pair. Past
-# it the grouped GEMMs read each chosen expert once: the 8-token tail before a prompt's end
-# (the engine's ring snapshot) is 32 pairs, that is every 20b expert read about once, not 32 GEMVs.
-DECODE_MAX_TOKENS = 4
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# DECODE_MAX_TOKENS: up to that many tokens the GEMVs (moe_decode.py) read one expert matrix per
+# (token, slot) pair. Past it the grouped GEMMs read each chosen expert once: the 8-token tail
+# before a prompt's end (the engine's ring snapshot) is 32 pairs, every 20b expert about once.
+
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -76,13 +70,6 @@ def _load_mxfp4(Blocks, Scales, rows, row_ok, c, c_ok, n_bytes):
     s = tl.load(Scales + rows64[:, None] * (n_bytes // 16) + (c // 16)[None, :], mask=mask, other=127)
     scale = tl.math.exp2(s.to(tl.float32) - 127.0)
     return _fp4_to_f32(byte & 15) * scale, _fp4_to_f32(byte >> 4) * scale
-
-
-@triton.jit
-def _swiglu(gate, lin, limit):
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    return gate * tl.sigmoid(1.702 * gate) * (lin + 1.0)
 
 
 # ---- router -----------------------------------------------------------------------------------
@@ -235,121 +222,6 @@ def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor,
     return total.view(x.shape), h.view(x.shape), (weights, experts)
 
 
-# ---- decode: GEMVs over the chosen experts ----------------------------------------------------
-@triton.jit
-def _fp4x2_to_f32(codes):
-    """uint8 bytes of two E2M1 codes -> (low, high) float32 values, each times 2^-14.
-
-    The code's bits go straight into an fp16's: sign to bit 15, e1 e0 to the two lowest exponent
-    bits, m to the top mantissa bit. That fp16 is exactly value * 2^-14 (e = 0 lands on fp16's
-    subnormals, which the conversion keeps), so there is no table, no exp2 and no int-to-float."""
-    b = codes.to(tl.int16)
-    lo = ((b & 0x07) << 9) | ((b & 0x08) << 12)
-    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
-    return lo.to(tl.float16, bitcast=True).to(tl.float32), hi.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _mxfp4_gemv_rows(
-    W, S, XP, rows, row_ok, n_groups,
-    X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-):
-    """fp32 [BLOCK_R]: rows ``rows`` of one packed expert matrix (codes W [R, n_groups*16] bytes,
-    scales S [R, n_groups]) times the activation row at ``XP`` (viewed as pairs, see
-    ``_pairs``). Each thread holds whole 16-byte groups (32 codes sharing one scale), so the 32
-    products are summed in registers and the scale is applied once per group, as an exponent;
-    the sum across groups happens once, after the loop."""
-    g = tl.arange(0, BLOCK_G)
-    j = tl.arange(0, 16)
-    n_bytes = n_groups * 16
-    w_rows = W + rows[:, None, None] * n_bytes + j[None, None, :]          # [R, 1, 16]
-    s_rows = S + rows[:, None] * n_groups                                    # [R, 1]
-    acc = tl.zeros([BLOCK_R, BLOCK_G], dtype=tl.float32)
-    for g0 in range(0, n_groups, BLOCK_G):
-        gg = g0 + g
-        g_ok = gg < n_groups
-        codes = tl.load(w_rows + (gg * 16)[None, :, None], mask=row_ok[:, None, None] & g_ok[None, :, None], other=0)
-        scale = tl.load(s_rows + gg[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0)
-        words = tl.load(XP + (gg * 16)[:, None] + j[None, :], mask=g_ok[:, None], other=0)   # [G, 16]
-        x_even, x_odd = _pairs(words, X_DTYPE)
-        lo, hi = _fp4x2_to_f32(codes)                                        # [R, G, 16]
-        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # [R, G]
-        # E8M0 as an fp32 exponent field: 2^(s-127) exactly for s >= 1 (s = 0, 2^-127, becomes 0)
-        acc += part * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return tl.sum(acc, axis=1) * 16384.0                                     # undo the 2^-14
-
-
-@triton.jit
-def _pairs(words, X_DTYPE: tl.constexpr):
-    """Words of two activations each -> (even, odd) float32. 16-bit activations come as int32
-    words, fp32 ones as int64, so one 16-byte load brings 8 or 4 of them."""
-    if X_DTYPE == tl.float32:
-        even = words.to(tl.int32).to(tl.float32, bitcast=True)
-        odd = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    else:
-        even = words.to(tl.int16).to(X_DTYPE, bitcast=True).to(tl.float32)
-        odd = (words >> 16).to(tl.int16).to(X_DTYPE, bitcast=True).to(tl.float32)
-    return even, odd
-
-
-def _as_pairs(t: torch.Tensor) -> torch.Tensor:
-    """[.., n] activations -> [.., n/2] words of two (see ``_pairs``)."""
-    return t.contiguous().view(torch.int64 if t.dtype == torch.float32 else torch.int32)
-
-
-@triton.jit
-def _moe_gemv1(
-    XP, Experts, W1, S1, B1, A, F, n_groups, limit,
-    TOP_K: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-):
-    """A[pair, f] = swiglu(W1[e] x + b1[e]) for a block of ``BLOCK_R`` rows of W1, i.e. the gate
-    and linear rows of ``BLOCK_R/2`` outputs f, read as one contiguous tile (grid: row blocks x
-    pairs, pair = token * k + slot)."""
-    pair = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)              # 2f (gate), 2f+1 (linear)
-    row_ok = rows < 2 * F
-    e = tl.load(Experts + pair)
-    w_base = W1 + e * (2 * F) * (n_groups * 16)
-    s_base = S1 + e * (2 * F) * n_groups
-    h = _mxfp4_gemv_rows(w_base, s_base, XP + (pair // TOP_K) * (n_groups * 16), rows, row_ok,
-                         n_groups, X_DTYPE, BLOCK_R, BLOCK_G)
-    h += tl.load(B1 + e * 2 * F + rows, mask=row_ok, other=0.0).to(tl.float32)
-    gate, lin = tl.split(tl.reshape(h, [BLOCK_R // 2, 2]))
-    a = _swiglu(gate, lin, limit)
-    f = tl.program_id(0) * (BLOCK_R // 2) + tl.arange(0, BLOCK_R // 2)
-    tl.store(A + pair * F + f, a.to(A.dtype.element_ty), mask=f < F)
-
-
-@triton.jit
-def _moe_gemv2(
-    AP, Experts, Weights, W2, S2, B2, Y, Out, Counter, D, n_groups,
-    TOP_K: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-):
-    """Y[pair, d] = weight[pair] * (W2[e] A[pair] + b2[e]) for a block of rows d (grid: row
-    blocks x pairs); the last of a token's k pairs to finish a block sums the k rows in slot
-    order into Out[token, d]."""
-    pair = tl.program_id(1).to(tl.int64)
-    n = pair // TOP_K
-    d = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d_ok = d < D
-    e = tl.load(Experts + pair)
-    y = _mxfp4_gemv_rows(W2 + e * D * (n_groups * 16), S2 + e * D * n_groups, AP + pair * (n_groups * 16),
-                         d, d_ok, n_groups, X_DTYPE, BLOCK_R, BLOCK_G)
-    y += tl.load(B2 + e * D + d, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(Y + pair * D + d, tl.load(Weights + pair) * y, mask=d_ok)
-    counter = Counter + n * tl.num_programs(0) + tl.program_id(0)
-    if arrive(counter, TOP_K):
-        out = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            out += tl.load(Y + (n * TOP_K + j) * D + d, mask=d_ok, other=0.0, cache_modifier=".cg")
-        tl.store(Out + n * D + d, out.to(Out.dtype.element_ty), mask=d_ok)
-        reset(counter)
-
-
-GEMV1_ROWS, GEMV1_GROUPS = 64, 8     # 20b and 120b: 90 row blocks x 4 pairs = 360 programs
-GEMV2_ROWS, GEMV2_GROUPS = 32, 16    # 360 programs too; 8 KB of 16-byte loads in flight each, as gemv1
-
-
 # ---- prefill: grouped GEMMs over tiles of one expert ------------------------------------------
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -467,6 +339,14 @@ def _tiles(experts: torch.Tensor, n_experts: int, block_m: int):
     return order, tile_expert, row0.to(torch.int32), row_end.to(torch.int32)
 
 
+def uses_gemv(x: torch.Tensor, w1_scales: torch.Tensor, w2_scales: torch.Tensor) -> bool:
+    """Whether ``moe`` runs the decode GEMVs on x [N, D] (else the grouped GEMMs): a few tokens,
+    and for bf16 scales the tensor-core GEMVs are exact for (``moe_decode.scales_fit``)."""
+    if x.shape[0] > DECODE_MAX_TOKENS:
+        return False
+    return x.dtype != torch.bfloat16 or (scales_fit(w1_scales) and scales_fit(w2_scales))
+
+
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
@@ -483,22 +363,10 @@ def moe(
     if N == 0:
         return out
     P = N * top_k
+    if uses_gemv(x, w1_scales, w2_scales):
+        return gemv_moe(x, weights, experts, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+                        top_k, swiglu_limit, out)
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)       # SwiGLU outputs, one row a pair
-    if N <= DECODE_MAX_TOKENS:
-        n_groups = D // 32
-        x_dt = _TL_DTYPES[x.dtype]
-        _moe_gemv1[(triton.cdiv(2 * F, GEMV1_ROWS), P)](
-            _as_pairs(x), experts, w1_blocks, w1_scales, w1_bias, a, F, n_groups, swiglu_limit,
-            TOP_K=top_k, X_DTYPE=x_dt, BLOCK_R=GEMV1_ROWS, BLOCK_G=GEMV1_GROUPS,
-        )
-        y = torch.empty(P, D, dtype=torch.float32, device=x.device)   # weighted output of each pair
-        row_blocks = triton.cdiv(D, GEMV2_ROWS)
-        _moe_gemv2[(row_blocks, P)](
-            _as_pairs(a), experts, weights, w2_blocks, w2_scales, w2_bias, y, out,
-            counters(x.device, N * row_blocks), D, F // 32,
-            TOP_K=top_k, X_DTYPE=x_dt, BLOCK_R=GEMV2_ROWS, BLOCK_G=GEMV2_GROUPS,
-        )
-        return out
     # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
     block_m, block_n, block_c = (32, 32, 16) if x.dtype == torch.float32 else (64, 64, 32)
     order, tile_expert, row0, row_end = _tiles(experts, E, block_m)
