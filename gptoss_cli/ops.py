@@ -416,3 +416,62 @@ def moe(
         y = F.linear(a, w2, w2_bias[e])                                      # [n, D]
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
     return out.to(x.dtype)
+
+
+# ---- decode of several sequences at once (continuous batching) ---------------------------------
+# One query token per sequence, each sequence in its own slot of a pooled cache ([B, S, K, dh]:
+# ``cache.KVPool``) and at its own position. ``rows`` [N] names each token's slot, ``pos`` [N] its
+# position; both are device tensors, so a CUDA graph replays the same launches whatever they hold.
+
+
+def rope_store_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    rows: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``rope_store`` for N sequences, one token each: q [N, H, dh], k, v [N, K, dh] (views into the
+    qkv projection are fine); rows, pos [N] int64; k_cache, v_cache [B, S, K, dh].
+
+    Token n's rotated k and its v go to ``k_cache[rows[n], slot]``: slot ``pos[n]`` for a full
+    cache; for a ring (``ring_pos`` [B, S] given, which position each slot holds) slot
+    ``pos[n] mod S``, and ``ring_pos[rows[n], slot] = pos[n]``. ``qkv_bias`` as in ``rope_store``.
+    Returns rotated q [N, H, dh]. Rows must be distinct, except rows that only pad a batch (their
+    writes land in a slot nobody reads)."""
+    if qkv_bias is not None:
+        bq, bk, bv = qkv_bias.split((q.shape[1] * q.shape[2], k.shape[1] * k.shape[2], v.shape[1] * v.shape[2]))
+        q, k, v = q + bq.view(q.shape[1:]), k + bk.view(k.shape[1:]), v + bv.view(v.shape[1:])
+    slots = pos % k_cache.shape[1] if ring_pos is not None else pos
+    if ring_pos is not None:
+        ring_pos[rows, slots] = pos
+    c, s = cos[pos], sin[pos]                                                # [N, dh/2]
+    # apply_rope's [B, T, heads, dh] with B = 1, T = N: row n rotates by position pos[n]
+    k_cache[rows, slots] = apply_rope(k.unsqueeze(0), c, s)[0]
+    v_cache[rows, slots] = v
+    return apply_rope(q.unsqueeze(0), c, s)[0]
+
+
+def attention_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    rows: torch.Tensor, pos: torch.Tensor, k_pos: torch.Tensor | None, window: int, scale: float,
+) -> torch.Tensor:
+    """``attention`` for N sequences, one query token each, over their own slots of a cache.
+
+    q [N, H, dh]; k_cache, v_cache [B, S, K, dh]; rows, pos [N] int64 (slot and position of each
+    token). ``k_pos`` [B, S]: the position each slot of a ring holds (-1: empty); None for a full
+    cache, whose slot s holds position s (slots past ``pos[n]`` are not read). Masks, window, sinks
+    and GQA as ``attention``. Returns [N, H, dh] in q's dtype, computed in float32."""
+    N, H, dh = q.shape
+    S, K = k_cache.shape[1], k_cache.shape[2]
+    if k_pos is None:
+        # a full cache: only the first max(pos)+1 slots can be read (the reference may sync)
+        S = int(pos.max()) + 1 if N else 0
+        kp = torch.arange(S, device=q.device).expand(N, S)
+    else:
+        kp = k_pos[rows]                                                     # [N, S]
+    out = torch.empty_like(q)
+    for n in range(N):                # one sequence at a time: a [S, K, dh] gather each
+        r = rows[n]
+        o = attention.reference(q[n].view(1, 1, H, dh), k_cache[r, :S].unsqueeze(0), v_cache[r, :S].unsqueeze(0),
+                                sinks, pos[n].view(1), kp[n], window, scale)
+        out[n] = o[0, 0]
+    return out
