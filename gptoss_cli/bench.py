@@ -7,10 +7,10 @@ the cache is first holding d tokens (filled once, untimed, restored before every
   ``prefill_tok_s = B*P / prefill_s``;
 - time to first token (``ttft_ms``): prefill plus the unembedding and the greedy pick of the first
   token, until it is on the host;
-- decode: the G-1 tokens after the first, one ``Transformer.forward`` of [B, 1] a step, each step
+- decode: the G-1 tokens after the first, one decode step of all B streams a step, each step
   timed alone; ``decode_tok_s = B*(G-1) / decode_s`` counts the tokens of all B streams
-  (steady state: the first token is not in it); ``itl_p50/p90/p99_ms`` are percentiles of the
-  step times within a run;
+  (steady state: the first token is not in it) and ``stream_tok_s`` is that over B;
+  ``itl_p50/p90/p99_ms`` are percentiles of the step times within a run;
 - ``peak_mem_gb``: on GPU the allocator's peak reserved bytes in the run (``memory`` also holds
   the peak allocated and the driver's view of the device); on CPU the process's peak RSS in the run
   (VmHWM, reset before each run via /proc/self/clear_refs where Linux allows it, else the
@@ -26,8 +26,14 @@ llama-bench) and median of each figure. All configurations prefill through ``Tra
 with B aligned streams of random token ids, the same way. The path that
 ran (``system``: ops/kernels, cuda_graph) is what this loop used: at batch 1, when the engine has
 its static decode step (CUDA with the kernels), the decode runs through it, CUDA graph included,
-exactly as ``gptoss chat`` decodes; the batched loop (B > 1) calls the model eagerly.
-``decode_path`` in each configuration says which; ``engine_cuda_graph`` what the engine has.
+exactly as ``gptoss chat`` decodes. At B > 1 the streams go through the batched engine that
+``gptoss serve --parallel`` and ``gptoss eval --parallel`` run (``batch.py``: a slot each, one
+decode step of all of them, per-bucket CUDA graphs where the kernels run): its rounds are driven
+and timed here, prefill first (all B prompts join at once), then one decode step a round. Each
+B > 1 configuration also has one ``staggered`` run: stream i joins i*(G-1)/B rounds after the first,
+so prefill (chunked under the engine's budget) and decode share rounds as in a server; it gives
+total and per-stream tok/s, TTFT and inter-token latency over all streams.
+``decode_path`` in each configuration says which path ran; ``engine_cuda_graph`` what the engine has.
 
 Bandwidth (``bandwidth_gbps``) is measured in the same run on the same device: the best of a few
 copies of a large buffer (1 GiB device-to-device on GPU, 256 MiB memcpy on CPU), counting the bytes
@@ -113,13 +119,17 @@ import torch
 from . import benchstats, selfcheck
 from .config import PRESETS, ModelConfig, preset
 from .cpu_ops import cpu_name
+from .batch import BatchEngine
 from .engine import PREFILL_CHUNK, DecodeStep, Engine, memory_stats, pick_device, pick_dtype
 from .errors import GptossError
+from .sampling import SamplingParams
 
 SCHEMA = "gptoss-bench/1"
-BENCH_PATH = "Transformer.forward, B aligned streams, eager"
+BENCH_PATH = "Transformer.forward, B aligned streams, eager"     # batch 1 without a DecodeStep
+BATCH_PATH = "BatchEngine: a slot per stream, one decode step for all"  # batch > 1
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}   # bandwidth probe: well beyond any cache
 MXFP4_BYTES_PER_VALUE = 4.25 / 8
+GREEDY = SamplingParams(temperature=0)            # the bench takes the argmax, as at batch 1
 
 
 # ---- the performance model ------------------------------------------------------------------
@@ -346,15 +356,15 @@ def _system(engine: Engine, opts: Options) -> tuple[dict, list[str]]:
     warnings = []
     if info.get("cuda_graph"):
         info["engine_cuda_graph"] = info["cuda_graph"]
-        if engine._decoder is None or any(b > 1 for b in opts.batch):
+        if engine._decoder is None:
             warnings.append("the engine has a CUDA-graph decode step, but bench drives "
-                            "Transformer.forward eagerly for B streams: the figures are without the graph"
-                            + (" (batch 1 decodes through the graph: see decode_path)" if engine._decoder else ""))
-    info["cuda_graph"] = engine._decoder is not None and engine._decoder.use_graph and 1 in opts.batch
+                            "Transformer.forward eagerly: the figures are without the graph")
+    # batch 1 replays the engine's graph; B > 1 the batched engine's per-bucket graphs
+    info["cuda_graph"] = engine._decoder is not None and engine._decoder.use_graph
     if opts.graph and engine.device.type == "cuda" and "engine_cuda_graph" not in info:
         warnings.append("--graph: this build has no CUDA-graph decode step; the decode step ran eagerly")
     info.setdefault("driver", None)
-    info["bench_path"] = BENCH_PATH
+    info["bench_path"] = BENCH_PATH if opts.batch == [1] else f"{BENCH_PATH}; {BATCH_PATH}"
     info["python"] = platform.python_version()
     info["cpu_threads"] = torch.get_num_threads()
     info["cpu_name"] = cpu_name()
@@ -468,8 +478,82 @@ def _one_run(engine: Engine, cache, prompt: torch.Tensor, depth: int, gen: int, 
             "step_s": steps, "wall_s": time.perf_counter() - t_run}
 
 
+def _batched_runner(engine: Engine, B: int, depth: int, gen: int, seed: int, timing: dict, bar):
+    """The batched engine of B slots, each holding its stream's ``depth`` tokens, and a function
+    running one timed run of B prompts ([B, P]) through it (``_one_run``'s fields)."""
+    cfg, dev = engine.config, engine.device
+    be = BatchEngine(engine, B, max_context=engine.max_context, cuda_graph=engine._decoder is not None
+                     and engine._decoder.use_graph)
+    prefixes = _tokens(B, depth, cfg.vocab_size, seed + 1, "cpu").tolist() if depth else [[] for _ in range(B)]
+    if depth:
+        t = time.perf_counter()
+        bar.say(f"filling the cache to depth {depth} (batch {B})")
+        for req in [be.submit(p, max_new_tokens=1) for p in prefixes]:
+            req.tokens_out()
+        _sync(dev)
+        timing["fill_s"] += time.perf_counter() - t
+
+    def run(prompt: torch.Tensor) -> dict:
+        t_run = time.perf_counter()
+        for seq in be.slots:                 # each slot back to its depth: the prompt is computed
+            seq.forget_after(depth)
+        prompts = [pre + p for pre, p in zip(prefixes, prompt.tolist())]
+        _sync(dev)
+        t0 = time.perf_counter()
+        reqs = [be.submit(p, GREEDY, gen) for p in prompts]
+        be._admit()
+        be._prefill()                        # nothing decodes yet: all B prompts at once
+        _sync(dev)
+        t1 = time.perf_counter()
+        steps, prev = [], t1
+        while be.active:
+            be.step()
+            _sync(dev)
+            now = time.perf_counter()
+            steps.append(now - prev)
+            prev = now
+        for r in reqs:
+            r.tokens_out()                   # drain (all done)
+        return {"prefill_s": t1 - t0, "ttft_s": t1 - t0, "decode_s": prev - t1, "decode_steps": len(steps),
+                "step_s": steps, "wall_s": time.perf_counter() - t_run}
+
+    return be, prefixes, run
+
+
+def _staggered_run(be: BatchEngine, prefixes: list[list[int]], prompt: torch.Tensor, depth: int, gen: int) -> dict:
+    """Stream i joins (gen-1)*i/B rounds after the first; totals over every stream."""
+    B = len(prefixes)
+    for seq in be.slots:
+        seq.forget_after(depth)
+    prompts = [pre + p for pre, p in zip(prefixes, prompt.tolist())]
+    dev = be.device
+    t0 = time.perf_counter()
+    reqs: list = []
+    rounds = 0
+    while len(reqs) < B or be.active or be.waiting:
+        while len(reqs) < B and rounds >= (gen - 1) * len(reqs) // B:
+            reqs.append(be.submit(prompts[len(reqs)], GREEDY, gen))
+        be.step()
+        _sync(dev)
+        rounds += 1
+    wall = time.perf_counter() - t0
+    gaps = sorted(1e3 * (b - a) for r in reqs for a, b in zip(r.stats.token_times, r.stats.token_times[1:]))
+    decode = [r.stats.decode_tokens / r.stats.decode_s for r in reqs if r.stats.decode_s > 0]
+    first = min(r.submitted + r.stats.first_token_s for r in reqs)
+    return {"streams": B, "rounds": rounds, "wall_s": wall,
+            "total_tok_s": sum(r.generated for r in reqs) / wall,
+            "decode_tok_s": sum(r.stats.decode_tokens for r in reqs) / (time.perf_counter() - first),
+            "stream_tok_s": sum(decode) / len(decode) if decode else None,
+            "ttft_ms": 1e3 * sum(r.stats.first_token_s for r in reqs) / B,
+            "itl_p50_ms": benchstats.percentile(gaps, 50) if gaps else None,
+            "itl_p90_ms": benchstats.percentile(gaps, 90) if gaps else None,
+            "itl_p99_ms": benchstats.percentile(gaps, 99) if gaps else None}
+
+
 def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, bandwidth: float,
                     timing: dict, bar) -> dict:
+    if B > 1:
+        return _measure_batched(engine, opts, P, B, depth, bandwidth, timing, bar)
     cfg, dev = engine.config, engine.device
     G = opts.gen_tokens
     cache = engine.model.new_cache(B)
@@ -491,26 +575,8 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
         timing["warmup_s"] += _one_run(engine, cache, prompt, depth, G, snap, step)["wall_s"]
     contexts = range(depth + P + 1, depth + P + G)     # positions attended by each decode step
     bpt = sum(bytes_per_token(cfg, c, engine.dtype, B) for c in contexts) / len(contexts)
-    runs, figs = [], {f.key: [] for f in benchstats.FIGURES}
-    mem = {}
-    for i in range(opts.repeat):
-        bar.step(f"{label}: run {i + 1}/{opts.repeat}")
-        windowed = _reset_peak(dev)
-        r = _one_run(engine, cache, prompt, depth, G, snap, step)
-        peak, mem = _peak(dev, windowed)
-        steps = r.pop("step_s")
-        decode_tok_s = B * r["decode_steps"] / r["decode_s"]
-        ms = sorted(s * 1e3 for s in steps)
-        for key, v in (("prefill_tok_s", B * P / r["prefill_s"]), ("ttft_ms", r["ttft_s"] * 1e3),
-                       ("decode_tok_s", decode_tok_s), ("itl_p50_ms", benchstats.percentile(ms, 50)),
-                       ("itl_p90_ms", benchstats.percentile(ms, 90)),
-                       ("itl_p99_ms", benchstats.percentile(ms, 99)), ("peak_mem_gb", peak / 1e9),
-                       ("decode_gbps", decode_tok_s * bpt / 1e9),
-                       ("roofline_share", decode_tok_s * bpt / 1e9 / bandwidth)):
-            figs[key].append(v)
-        runs.append(r)
-        timing["runs_s"] += r["wall_s"]
-        timing["measured_s"] += r["ttft_s"] + r["decode_s"]
+    runs, figs, mem = _timed_runs(lambda: _one_run(engine, cache, prompt, depth, G, snap, step),
+                                  dev, opts, label, B, P, bpt, bandwidth, timing, bar)
     path = f"DecodeStep, CUDA graph {'on' if step.use_graph else 'off'}" if step else BENCH_PATH
     del cache, snap, step
     if dev.type == "cuda":
@@ -520,3 +586,57 @@ def _measure_config(engine: Engine, opts: Options, P: int, B: int, depth: int, b
             "decode_path": path,
             **{k: benchstats.summarize(v) for k, v in figs.items()},
             "memory": mem, "runs": runs}
+
+
+def _measure_batched(engine: Engine, opts: Options, P: int, B: int, depth: int, bandwidth: float,
+                     timing: dict, bar) -> dict:
+    """A B > 1 configuration through the batched engine (see the module docstring)."""
+    cfg, dev = engine.config, engine.device
+    G = opts.gen_tokens
+    be, prefixes, run = _batched_runner(engine, B, depth, G, opts.seed, timing, bar)
+    prompt = _tokens(B, P, cfg.vocab_size, opts.seed, "cpu")
+    label = f"prompt {P}, batch {B}, depth {depth}"
+    for i in range(opts.warmup):
+        bar.step(f"{label}: warm-up {i + 1}/{opts.warmup}")
+        timing["warmup_s"] += run(prompt)["wall_s"]
+    contexts = range(depth + P + 1, depth + P + G)
+    bpt = sum(bytes_per_token(cfg, c, engine.dtype, B) for c in contexts) / len(contexts)
+    runs, figs, mem = _timed_runs(lambda: run(prompt), dev, opts, label, B, P, bpt, bandwidth, timing, bar)
+    bar.say(f"{label}: staggered starts")
+    staggered = _staggered_run(be, prefixes, prompt, depth, G)
+    graphs = be.use_graph
+    be.close()
+    del be
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"prompt_len": P, "batch": B, "context_depth": depth, "gen_tokens": G,
+            "decode_context": [contexts[0], contexts[-1]], "bytes_per_token": bpt,
+            "decode_path": f"BatchEngine: {B} slots, one decode step for all, CUDA graphs {'on' if graphs else 'off'}",
+            **{k: benchstats.summarize(v) for k, v in figs.items()},
+            "staggered": staggered, "memory": mem, "runs": runs}
+
+
+def _timed_runs(one_run, dev: torch.device, opts: Options, label: str, B: int, P: int, bpt: float,
+                bandwidth: float, timing: dict, bar) -> tuple[list, dict, dict]:
+    """``opts.repeat`` counted runs of ``one_run``: (runs, figures by key, last run's memory)."""
+    runs, figs = [], {f.key: [] for f in benchstats.FIGURES}
+    mem = {}
+    for i in range(opts.repeat):
+        bar.step(f"{label}: run {i + 1}/{opts.repeat}")
+        windowed = _reset_peak(dev)
+        r = one_run()
+        peak, mem = _peak(dev, windowed)
+        steps = r.pop("step_s")
+        decode_tok_s = B * r["decode_steps"] / r["decode_s"]
+        ms = sorted(s * 1e3 for s in steps)
+        for key, v in (("prefill_tok_s", B * P / r["prefill_s"]), ("ttft_ms", r["ttft_s"] * 1e3),
+                       ("decode_tok_s", decode_tok_s), ("stream_tok_s", decode_tok_s / B), ("itl_p50_ms", benchstats.percentile(ms, 50)),
+                       ("itl_p90_ms", benchstats.percentile(ms, 90)),
+                       ("itl_p99_ms", benchstats.percentile(ms, 99)), ("peak_mem_gb", peak / 1e9),
+                       ("decode_gbps", decode_tok_s * bpt / 1e9),
+                       ("roofline_share", decode_tok_s * bpt / 1e9 / bandwidth)):
+            figs[key].append(v)
+        runs.append(r)
+        timing["runs_s"] += r["wall_s"]
+        timing["measured_s"] += r["ttft_s"] + r["decode_s"]
+    return runs, figs, mem

@@ -35,6 +35,8 @@ FIGURES = (
     Figure("prefill_tok_s", "prefill tok/s", True, 1),
     Figure("ttft_ms", "TTFT ms", False, 2),
     Figure("decode_tok_s", "decode tok/s", True, 1),
+    # decode_tok_s over the streams (batch 1: the same); derived, so not compared twice
+    Figure("stream_tok_s", "tok/s/stream", True, 1, compared=False),
     Figure("itl_p50_ms", "ITL p50 ms", False, 2),
     Figure("itl_p90_ms", "ITL p90 ms", False, 2),
     Figure("itl_p99_ms", "ITL p99 ms", False, 2),

@@ -41,6 +41,12 @@ class FullCache:
         self.v = torch.zeros_like(self.k)
         self.positions = torch.arange(max_context, device=device)
 
+    def slot(self, b: int) -> "FullCache":
+        """Slot ``b`` of a pooled layer as a one-sequence cache over the same memory."""
+        view = object.__new__(FullCache)
+        view.k, view.v, view.positions = self.k[b:b + 1], self.v[b:b + 1], self.positions
+        return view
+
     def slots_for(self, q_pos: torch.Tensor, start):
         return self.k, self.v, q_pos, None                # slot = position
 
@@ -62,13 +68,21 @@ class RingCache:
 
     keys_by_position = False
 
-    def __init__(self, batch: int, window: int, n_kv_heads: int, d_head: int, dtype, device):
+    def __init__(self, batch: int, window: int, n_kv_heads: int, d_head: int, dtype, device, pooled: bool = False):
         self.window = window
         self.k = torch.zeros(batch, window, n_kv_heads, d_head, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)
-
+        # which position each slot holds (-1: empty): [W] for aligned streams; a pooled layer
+        # (``KVPool``, sequences at their own positions) keeps a table per sequence, [B, W]
+        self.pos = torch.full((batch, window) if pooled else (window,), -1, dtype=torch.long, device=device)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot(self, b: int) -> "RingCache":
+        """Slot ``b`` of a pooled layer as a one-sequence ring over the same memory."""
+        view = object.__new__(RingCache)
+        view.window, view._pending = self.window, None
+        view.k, view.v, view.pos = self.k[b:b + 1], self.v[b:b + 1], self.pos[b]
+        return view
 
     def slots_for(self, q_pos: torch.Tensor, start):
         T, W = q_pos.shape[0], self.window
@@ -112,18 +126,22 @@ class RingSnapshot:
     logits: torch.Tensor | None = None
 
 
+def _layers(cfg: ModelConfig, batch: int, max_context: int, dtype, device, pooled: bool = False) -> list:
+    return [
+        RingCache(batch, cfg.sliding_window, cfg.n_kv_heads, cfg.d_head, dtype, device, pooled)
+        if windowed
+        else FullCache(batch, max_context, cfg.n_kv_heads, cfg.d_head, dtype, device)
+        for windowed in cfg.windowed_layers
+    ]
+
+
 class KVCache:
     """The caches of all layers of one model, for ``batch`` aligned streams."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_context: int, dtype, device):
+    def __init__(self, cfg: ModelConfig, batch: int, max_context: int, dtype, device, layers: list | None = None):
         self.cfg = cfg
         self.max_context = max_context
-        self.layers = [
-            RingCache(batch, cfg.sliding_window, cfg.n_kv_heads, cfg.d_head, dtype, device)
-            if windowed
-            else FullCache(batch, max_context, cfg.n_kv_heads, cfg.d_head, dtype, device)
-            for windowed in cfg.windowed_layers
-        ]
+        self.layers = layers if layers is not None else _layers(cfg, batch, max_context, dtype, device)
         self.length = 0  # positions 0 .. length-1 are held (full layers) or were seen (rings)
         self.dirty = False  # a forward was interrupted: the rings may hold half-written state
 
@@ -169,3 +187,34 @@ class KVCache:
                 c.rewind(snap.length)
         self.length = snap.length
         self.dirty = False
+
+
+class KVPool:
+    """The caches of ``sequences`` independent sequences, each in its own slot of every layer's
+    buffers ([B, S, K, dh]; a ring's position table is [B, W]), at its own position: the batched
+    decode step (``Transformer.forward_rows``) reads and writes them all in one launch per op,
+    each token through its slot index. ``sequence(b)`` is slot b as a ``KVCache`` over the same
+    memory, which the one-sequence forward (a joining sequence's prefill, prefix reuse, ring
+    snapshots) uses unchanged.
+
+    One more slot than asked for, the last, is scratch: rows that only pad a batch to the size its
+    CUDA graph was captured for write there, and nothing reads it.
+    """
+
+    def __init__(self, cfg: ModelConfig, sequences: int, max_context: int, dtype, device):
+        self.cfg = cfg
+        self.sequences = sequences
+        self.max_context = max_context
+        self.layers = _layers(cfg, sequences + 1, max_context, dtype, device, pooled=True)
+
+    @property
+    def scratch(self) -> int:
+        return self.sequences
+
+    def sequence(self, b: int) -> KVCache:
+        if not 0 <= b < self.sequences:
+            raise IndexError(f"slot {b} of {self.sequences}")
+        return KVCache(self.cfg, 1, self.max_context, None, None, layers=[c.slot(b) for c in self.layers])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v))

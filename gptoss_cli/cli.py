@@ -189,6 +189,8 @@ def _use_threads(threads: int | None) -> None:
     """--threads: the same setting as GPTOSS_THREADS (the native library and PyTorch read it)."""
     if threads is not None:
         os.environ["GPTOSS_THREADS"] = str(threads)
+PARALLEL_HELP = ("Sequences decoded together, sharing each decode step (default: 8 on a GPU, 4 on a CPU; "
+                 "1: one at a time). Each holds its own KV cache of --context tokens.")
 SERVED_MODEL_HELP = "The model's name on --endpoint (default: the one model it serves)."
 ENDPOINT_HELP = ("Run against this OpenAI-compatible server (gptoss serve, vLLM, SGLang) instead of a local model, "
                  "e.g. http://127.0.0.1:8000/v1.")
@@ -294,7 +296,8 @@ def serve(
     context: int = typer.Option(8192, "--context", "-c", help="Context length (KV cache size) in tokens."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Require this bearer token."),
-    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while one runs; more get 429."),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait while --parallel run; more get 429."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-P", help=PARALLEL_HELP),
     device: str = typer.Option("auto", "--device", callback=_device, help=DEVICE_HELP),
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
@@ -309,7 +312,7 @@ def serve(
     _use_threads(threads)
     mod.run(model=model, host=host, port=port, context=context, api_key=api_key, max_queue=max_queue,
             device=device, dtype=dtype.value, yes=yes, served_model_name=served_model_name, max_body=max_body,
-            cors_origins=cors_origins)
+            cors_origins=cors_origins, parallel=parallel)
 
 
 @app.command("eval")
@@ -338,6 +341,7 @@ def eval_(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help=ENDPOINT_HELP),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GPTOSS_API_KEY", help="Bearer token for --endpoint."),
     served_model: Optional[str] = typer.Option(None, "--served-model", help=SERVED_MODEL_HELP),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-P", help=PARALLEL_HELP.replace("1: one at a time", "1: one prompt at a time")),
 ):
     """Score a model on eval suites; exit non-zero under --fail-under."""
     from . import evals as mod
@@ -347,7 +351,7 @@ def eval_(
             output=output, fail_under=fail_under, temperature=temperature, max_tokens=max_tokens,
             context=context, device=device, dtype=dtype.value, max_perplexity=max_perplexity,
             ppl_window=ppl_window, ppl_stride=ppl_stride, list_=list_, yes=yes, endpoint=endpoint,
-            api_key=api_key, served_model=served_model)
+            api_key=api_key, served_model=served_model, parallel=parallel)
 
 
 class Report(str, enum.Enum):

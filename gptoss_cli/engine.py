@@ -164,9 +164,7 @@ class Engine:
         self.device = model.device
         self.dtype = model.dtype
         self.max_context = model.max_context
-        self.cache = model.new_cache(1)
-        self.cached_tokens: list[int] = []       # tokens whose KV is in the cache
-        self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
+        self.seq = Sequence(model, model.new_cache(1))   # the cache and what it holds
         self.last_stats = GenerationStats()
         self._tokenizer = None
         # this engine's own arrival counters for the kernels' last-program epilogues (arrive.py):
@@ -231,6 +229,23 @@ class Engine:
             pass
         self._reset()
         self.last_stats = GenerationStats()
+
+    @property
+    def cache(self):
+        return self.seq.cache
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose KV is in the cache."""
+        return self.seq.cached_tokens
+
+    @cached_tokens.setter
+    def cached_tokens(self, tokens: list[int]) -> None:
+        self.seq.cached_tokens = tokens
+
+    @property
+    def snapshots(self) -> list[RingSnapshot]:
+        return self.seq.snapshots
 
     def kernel_scope(self):
         """A block whose kernels count with this engine's counters (wrap synchronous forward
@@ -400,17 +415,60 @@ class Engine:
         return torch.tensor([tokens], dtype=torch.long, device=self.device)     # [1, T]
 
     def _reset(self) -> None:
+        self.seq.reset()
+
+    def _prefill(self, tokens: list[int], st: GenerationStats) -> torch.Tensor:
+        fill = Prefill(self.seq, tokens, st)
+        with self.kernel_scope():
+            while fill.logits is None:
+                fill.advance(PREFILL_CHUNK)
+        return fill.logits
+
+    def _step(self, tok: int, pos: int) -> torch.Tensor:
+        if self._decoder is not None:
+            logits = self._decoder(tok, pos)
+        else:
+            with self.kernel_scope():
+                logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
+        self.seq.cached_tokens.append(tok)
+        return logits
+
+
+class Sequence:
+    """One sequence's KV cache and what it holds: the tokens whose KV is there, and copies of its
+    rings at prompt ends (prefix reuse, see the module docstring). The engine has one; the batched
+    engine (``batch.py``) one per slot of its pool."""
+
+    def __init__(self, model: Transformer, cache):
+        self.model = model
+        self.cache = cache
+        self.cached_tokens: list[int] = []       # tokens whose KV is in the cache
+        self.snapshots: list[RingSnapshot] = []  # ring copies at prompt ends, oldest first
+
+    def reset(self) -> None:
         self.cache.reset()
         self.cached_tokens = []
         self.snapshots = []
 
-    def _resume_point(self, tokens: list[int]) -> tuple[int, RingSnapshot | None]:
-        """The longest usable cached prefix: (position to compute from, snapshot to restore)."""
+    def forget_after(self, n: int) -> None:
+        """Hold at most the first ``n`` tokens from now on (what the rings cannot give back is
+        recomputed, or restored from a snapshot, by the next prefill)."""
+        self.cached_tokens = self.cached_tokens[:n]
+        self.snapshots = [s for s in self.snapshots if s.length <= n]
+        if n == 0:
+            self.reset()
+
+    def common_prefix(self, tokens: list[int]) -> int:
         common = 0
         for a, b in zip(self.cached_tokens, tokens):
             if a != b:
                 break
             common += 1
+        return common
+
+    def resume_point(self, tokens: list[int]) -> tuple[int, RingSnapshot | None]:
+        """The longest usable cached prefix: (position to compute from, snapshot to restore)."""
+        common = self.common_prefix(tokens)
         self.snapshots = [s for s in self.snapshots if s.length <= common]
         for snap in self.snapshots:               # the whole prompt, its logits included
             if snap.length == len(tokens) and snap.logits is not None:
@@ -424,51 +482,64 @@ class Engine:
             return snap.length, snap
         return 0, None
 
-    def _prefill(self, tokens: list[int], st: GenerationStats) -> torch.Tensor:
-        start, snap = self._resume_point(tokens)
-        if snap is not None:
-            self.cache.restore(snap)
-        elif start == 0:
-            self.cache.reset()
-        else:
-            self.cache.rewind(start)
-        self.cached_tokens = tokens[:start]
-        st.reused_tokens, st.prefill_tokens = start, len(tokens) - start
-        if start == len(tokens):
-            return snap.logits
-        # Snapshot a few tokens before the end too: the next prompt often diverges right at the
-        # end of this one (a chat template's "assistant" header re-rendered differently).
-        cut = len(tokens) - SNAPSHOT_TAIL
-        if cut > start:
-            self._forward_chunks(tokens, start, cut)
-            self._keep_snapshot(self.cache.snapshot())
-            start = cut
-        logits = self._forward_chunks(tokens, start, len(tokens))
-        self._keep_snapshot(self.cache.snapshot(logits))
-        return logits
+    def forward(self, tokens: list[int], start: int, end: int, logits: bool = True) -> torch.Tensor | None:
+        """Compute tokens[start:end] (one forward; the caller bounds its length): the last
+        token's logits if asked for. The caller holds the kernels' counters."""
+        h = self.model.forward(torch.tensor([tokens[start:end]], dtype=torch.long, device=self.model.device),
+                               self.cache, start)
+        self.cached_tokens = tokens[:end]
+        return self.model.logits(h[0, -1]) if logits else None
 
-    def _forward_chunks(self, tokens: list[int], start: int, end: int) -> torch.Tensor:
-        """Prefill tokens[start:end] in chunks; the logits of the last one."""
-        with self.kernel_scope():
-            for s in range(start, end, PREFILL_CHUNK):
-                chunk = tokens[s:min(end, s + PREFILL_CHUNK)]
-                h = self.model.forward(self._tensor(chunk), self.cache, s)
-                self.cached_tokens = tokens[:s + len(chunk)]
-            return self.model.logits(h[0, -1])
-
-    def _keep_snapshot(self, snap: RingSnapshot) -> None:
+    def keep_snapshot(self, snap: RingSnapshot) -> None:
         """Keep ``snap`` (replacing one of the same length); the newest MAX_SNAPSHOTS stay."""
         kept = [s for s in self.snapshots if s.length != snap.length] + [snap]
         self.snapshots = kept[-MAX_SNAPSHOTS:]
 
-    def _step(self, tok: int, pos: int) -> torch.Tensor:
-        if self._decoder is not None:
-            logits = self._decoder(tok, pos)
+
+class Prefill:
+    """A prompt's prefill into a ``Sequence``, in pieces: ``advance(n)`` computes up to n more
+    tokens; ``logits`` (of the last prompt token) is set once all are in. It resumes from the
+    longest cached prefix, and keeps ring snapshots at the prompt's end and ``SNAPSHOT_TAIL``
+    tokens before it (the next prompt often diverges right at the end of this one: a chat
+    template's "assistant" header re-rendered differently). The pieces never cross that cut, so
+    however the work is split, the same forwards run over the same tokens: the engine's
+    ``PREFILL_CHUNK`` pieces and the batched engine's per-step budget give the same cache."""
+
+    def __init__(self, seq: Sequence, tokens: list[int], st: GenerationStats):
+        self.seq, self.tokens = seq, tokens
+        self.logits: torch.Tensor | None = None
+        start, snap = seq.resume_point(tokens)
+        cache = seq.cache
+        if snap is not None:
+            cache.restore(snap)
+        elif start == 0:
+            cache.reset()
         else:
-            with self.kernel_scope():
-                logits = self.model.logits(self.model.forward(self._tensor([tok]), self.cache, pos)[0, -1])
-        self.cached_tokens.append(tok)
-        return logits
+            cache.rewind(start)
+        seq.cached_tokens = tokens[:start]
+        st.reused_tokens, st.prefill_tokens = start, len(tokens) - start
+        self.pos = start
+        self.cut = len(tokens) - SNAPSHOT_TAIL if len(tokens) - SNAPSHOT_TAIL > start else None
+        if start == len(tokens):
+            self.logits = snap.logits
+
+    @property
+    def left(self) -> int:
+        return len(self.tokens) - self.pos
+
+    def advance(self, n: int) -> int:
+        """Compute up to ``n`` more tokens (at least one); how many were computed."""
+        end = min(len(self.tokens), self.pos + max(1, n))
+        if self.cut is not None and self.pos < self.cut:
+            end = min(end, self.cut)
+        logits = self.seq.forward(self.tokens, self.pos, end, logits=end == len(self.tokens))
+        done, self.pos = end - self.pos, end
+        if self.pos == self.cut:
+            self.seq.keep_snapshot(self.seq.cache.snapshot())
+        if self.pos == len(self.tokens):
+            self.seq.keep_snapshot(self.seq.cache.snapshot(logits))
+            self.logits = logits
+        return done
 
 
 def _cpu_ops_status(device: torch.device) -> str:

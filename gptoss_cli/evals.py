@@ -350,7 +350,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
         output: Path | None, fail_under: str | None, temperature: float, max_tokens: int, context: int,
         device: str, dtype: str, max_perplexity: float | None = None, ppl_window: int | None = None,
         ppl_stride: int | None = None, list_: bool = False, yes: bool = False, endpoint: str | None = None,
-        api_key: str | None = None, served_model: str | None = None) -> None:
+        api_key: str | None = None, served_model: str | None = None, parallel: int | None = None) -> None:
     out, err = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
     if list_:
         return list_suites(out)
@@ -359,6 +359,7 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
     efforts = parse_efforts(effort)
     threshold = parse_fraction(fail_under, "--fail-under")
     for name, value, low in (("--limit", limit, 1), ("--samples", samples, 1), ("--max-tokens", max_tokens, 1),
+                             ("--parallel", parallel, 1),
                              ("--ppl-window", ppl_window, 2), ("--ppl-stride", ppl_stride, 1)):
         if value is not None and value < low:
             raise GptossError(f"{name} must be at least {low}")
@@ -408,8 +409,12 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
                 "gate": {"fail_under": threshold, "max_perplexity": max_perplexity,
                          "passed": not failures, "failures": failures}}
 
+    if parallel is None:
+        from .batch import default_parallel
+
+        parallel = 1 if target else default_parallel(engine.device)
     _run_plan(engine, plan, done, temperature, max_tokens, err, lambda: output and write_report(output, report()),
-              sample=target and target.run_sample, output=output)
+              sample=target and target.run_sample, output=output, parallel=1 if target else parallel)
     final = report()
     if output is not None:
         write_report(output, final)
@@ -451,15 +456,19 @@ def _endpoint_target(url: str, api_key: str | None, served_model: str | None, su
 
 
 def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err: Console, save,
-              sample=None, output: Path | None = None) -> None:
+              sample=None, output: Path | None = None, parallel: int = 1) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     todo = [(k, job) for k, job in plan if k not in done]
+    # graded samples N at a time through a batched engine; perplexity (and all at --parallel 1)
+    # one at a time, in plan order
+    together = [(k, job) for k, job in todo if job[0].kind != "perplexity"] if parallel > 1 else []
+    alone = [(k, job) for k, job in todo if not together or job[0].kind == "perplexity"]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task("eval", total=len(plan), completed=len(plan) - len(todo))
         try:
-            for key, job in todo:
+            for key, job in alone:
                 suite = job[0]
                 progress.update(task, description=f"{suite.name} · {key[1] or 'text'}")
                 if suite.kind == "perplexity":
@@ -468,6 +477,10 @@ def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err
                     done[key] = (sample or partial(run_sample, engine))(*job, temperature=temperature, max_tokens=max_tokens)
                 save()
                 progress.advance(task)
+            if together:
+                progress.update(task, description=f"{parallel} at a time")
+                _run_together(engine, together, done, parallel, temperature, max_tokens,
+                              lambda: (save(), progress.advance(task)))
         except KeyboardInterrupt:
             progress.stop()
             if output is not None:
@@ -477,6 +490,37 @@ def _run_plan(engine, plan, done: dict, temperature: float, max_tokens: int, err
                 err.print(f"stopped after {len(done)} of {len(plan)} samples; nothing was saved "
                           "(with --output FILE each sample is saved, and the same command resumes)")
             raise
+
+
+def _run_together(engine, todo, done: dict, parallel: int, temperature: float, max_tokens: int, saved) -> None:
+    """Graded samples ``parallel`` at a time: a thread each, each through its own view of one
+    batched engine that decodes them all together. Results land in ``done`` as they finish (the
+    report orders them by plan). Ctrl-C cancels every running sample; none of them is recorded."""
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from .batch import BatchEngine, BatchView
+
+    batch = BatchEngine(engine, parallel).start()
+    local = threading.local()
+
+    def one(job):
+        if not hasattr(local, "view"):
+            local.view = BatchView(batch)
+        return run_sample(local.view, *job, temperature=temperature, max_tokens=max_tokens)
+
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="gptoss-eval")
+    try:
+        running = {pool.submit(one, job): key for key, job in todo}
+        while running:
+            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in finished:
+                key = running.pop(f)
+                done[key] = f.result()
+                saved()
+    finally:
+        batch.close()                       # cancels what still runs: its samples are not kept
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def print_scores(console: Console, scores: list[dict]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .cache import KVCache
+from .cache import KVCache, KVPool, RingCache
 from .config import ModelConfig
 
 
@@ -80,6 +80,11 @@ class Transformer:
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.cfg, batch, self.max_context, self.dtype, self.device)
 
+    def new_pool(self, sequences: int, max_context: int | None = None) -> KVPool:
+        """Caches for ``sequences`` independent sequences (``forward_rows``), of ``max_context``
+        positions each (default: the model's)."""
+        return KVPool(self.cfg, sequences, max_context or self.max_context, self.dtype, self.device)
+
     def nbytes(self) -> int:
         seen = [self.embedding, self.norm, self.unembedding] + [
             t for b in self.blocks for t in vars(b).values() if isinstance(t, torch.Tensor)
@@ -102,6 +107,21 @@ class Transformer:
         keys, values, k_pos = layer.attend(q_pos, start)
         o = ops.attention(q, keys, values, b.sinks, q_pos, k_pos, b.window, self.scale, layer.keys_by_position)
         return ops.linear(o.reshape(B, T, cfg.q_dim), b.out_w)   # out_b: added by add_rmsnorm_route
+
+    def attention_rows(self, b: Block, h: torch.Tensor, layer, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``attention`` for N sequences of a pool, one token each: normed ``h`` [N, D], token n
+        in slot ``rows[n]`` at position ``pos[n]``. Without the output bias, as ``attention``."""
+        cfg = self.cfg
+        N = h.shape[0]
+        qkv = ops.linear(h, b.qkv_w)                                         # [N, (H + 2K) dh]
+        q, k, v = qkv.split((cfg.q_dim, cfg.kv_dim, cfg.kv_dim), dim=-1)
+        q = q.view(N, cfg.n_heads, cfg.d_head)
+        k = k.view(N, cfg.n_kv_heads, cfg.d_head)
+        v = v.view(N, cfg.n_kv_heads, cfg.d_head)
+        ring = layer.pos if isinstance(layer, RingCache) else None           # [B, W] or None
+        q = ops.rope_store_rows(q, k, v, self.cos, self.sin, rows, pos, layer.k, layer.v, ring, b.qkv_b)
+        o = ops.attention_rows(q, layer.k, layer.v, b.sinks, rows, pos, ring, b.window, self.scale)
+        return ops.linear(o.reshape(N, cfg.q_dim), b.out_w)
 
     def mlp(self, b: Block, h: torch.Tensor, routing) -> torch.Tensor:
         """MoE sublayer on normed ``h`` [B, T, D], routed by ``routing`` (weights, experts)."""
@@ -141,6 +161,27 @@ class Transformer:
         if not static:
             cache.length = start + T
         cache.dirty = False
+        return h
+
+    @torch.inference_mode()
+    def forward_rows(self, tokens: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, pool: KVPool) -> torch.Tensor:
+        """One decode step of N sequences of ``pool`` at once: token ``tokens[n]`` of the sequence
+        in slot ``rows[n]``, at its position ``pos[n]`` (all [N] int64 on the device) -> final
+        hidden states [N, D].
+
+        Every op but the two per-sequence ones (``rope_store_rows``, ``attention_rows``) sees the
+        N tokens as N rows, so each weight is read once for all of them. Positions before each
+        ``pos[n]`` must be in its slot already; the caller checks the context and keeps each
+        sequence's length (nothing here reads a position on the host)."""
+        eps = self.cfg.rms_norm_eps
+        x = self.embedding[tokens]                                           # [N, D]
+        h = ops.rmsnorm(x, self.blocks[0].attn_norm, eps)
+        next_norms = [b.attn_norm for b in self.blocks[1:]] + [self.norm]
+        k = self.cfg.n_experts_per_token
+        for b, layer, next_norm in zip(self.blocks, pool.layers, next_norms):
+            x, h, routing = ops.add_rmsnorm_route(
+                x, self.attention_rows(b, h, layer, rows, pos), b.mlp_norm, eps, b.router_w, b.router_b, k, b.out_b)
+            x, h = ops.add_rmsnorm(x, self.mlp(b, h, routing), next_norm, eps)
         return h
 
     @torch.inference_mode()

@@ -56,12 +56,13 @@ class Server:
     """The routes over one worker; the server itself is the ASGI application (``app``)."""
 
     def __init__(self, engine, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-                 *, max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = ()):
+                 *, max_body: int = DEFAULT_MAX_BODY, cors_origins: tuple[str, ...] = (), parallel: int = 1):
         self.engine, self.model_name, self.api_key, self.max_body = engine, model_name, api_key, max_body
         self.metrics = Metrics(model_name)
-        self.worker = Worker(engine, max_queue, self.metrics)
+        self.worker = Worker(engine, max_queue, self.metrics, parallel)
         self.created = int(time.time())
         self.info = engine.runtime_info()   # once: it imports triton, seconds the first time
+        self.info["parallel"] = parallel
         self.tokenizer = engine.tokenizer
         self.vocab = engine.config.vocab_size
         self.closing = False
@@ -289,12 +290,13 @@ class Server:
     async def health(self, request):
         w = self.worker
         return JSONResponse({"status": "shutting_down" if self.closing else "ok", "model": self.model_name,
-                             "busy": w.busy is not None, "queued": w.queue.qsize(), "served": w.served},
+                             "busy": w.busy is not None, "running": len(w.running), "parallel": w.parallel,
+                             "queued": w.queue.qsize(), "served": w.served},
                             status_code=503 if self.closing else 200)
 
     async def prometheus(self, request):
         w = self.worker
-        return PlainTextResponse(self.metrics.render(w.queue.qsize(), int(w.busy is not None)),
+        return PlainTextResponse(self.metrics.render(w.queue.qsize(), len(w.running)),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _model_object(self) -> dict:
@@ -490,7 +492,7 @@ def parse_size(text: str, option: str = "--max-body") -> int:
 
 def run(*, model: str, host: str, port: int, context: int, api_key: str | None, max_queue: int,
         device: str, dtype: str, yes: bool = False, served_model_name: str | None = None,
-        max_body: str = "4MiB", cors_origins: str | None = None) -> None:
+        max_body: str = "4MiB", cors_origins: str | None = None, parallel: int | None = None) -> None:
     from rich.console import Console
     from rich.text import Text
 
@@ -498,6 +500,8 @@ def run(*, model: str, host: str, port: int, context: int, api_key: str | None, 
 
     if max_queue < 1:
         raise GptossError("--max-queue must be at least 1")
+    if parallel is not None and not 1 <= parallel <= 64:
+        raise GptossError(f"--parallel {parallel}: use 1 to 64 sequences decoded together")
     if not 0 <= port <= 65535:
         raise GptossError(f"--port {port} is not a port number (0-65535; 0 picks a free one)")
     if served_model_name is not None and not served_model_name.strip():
@@ -508,14 +512,18 @@ def run(*, model: str, host: str, port: int, context: int, api_key: str | None, 
     sock = bind(host, port)                        # before the (slow) load: fail fast on a busy port
     engine = load_engine(model, device, dtype, context, yes, err)
     name = served_model_name.strip() if served_model_name else model
-    server = Server(engine, name, api_key, max_queue, max_body=body_limit, cors_origins=origins)
+    if parallel is None:
+        from .batch import default_parallel
+
+        parallel = default_parallel(engine.device)
+    server = Server(engine, name, api_key, max_queue, max_body=body_limit, cors_origins=origins, parallel=parallel)
     shown_host = f"[{host}]" if ":" in host else host
     address = f"http://{shown_host}:{sock.getsockname()[1]}/v1"
     info = server.info
     weights = "RANDOM weights (output is noise)" if info["random_weights"] else "real weights"
     auth = "API key required" if api_key else "no API key"
     line = (f"gptoss serve: {address} · model {name} · {info['device']} {info['dtype']} · "
-            f"context {engine.max_context:,} · {weights} · {auth}")
+            f"context {engine.max_context:,} · {parallel} parallel · {weights} · {auth}")
     err.print(Text(line, style="bold"), soft_wrap=True)
     uv = uvicorn_server(server, announce=lambda text: err.print(Text(text), soft_wrap=True))
     try:

@@ -1,8 +1,11 @@
-"""The engine side of ``gptoss serve``: one thread owns the engine and runs queued jobs in order.
+"""The engine side of ``gptoss serve``: worker threads take queued jobs in arrival order.
 
-The engine holds one KV cache and generates one sequence at a time, so requests are served one
-at a time, in arrival order, from a bounded queue: a request that finds the queue full is answered
-429 with Retry-After at once rather than waiting unboundedly. A job is one request: each of its
+With ``parallel`` 1 one thread owns the engine and requests are served one at a time. With
+``parallel`` N (``--parallel``) N job threads each run one request at a time through a
+``BatchView`` of one ``BatchEngine`` (``batch.py``), whose own thread decodes all of their
+sequences together: up to N requests share each decode step. What exceeds N waits in a bounded
+queue: a request that finds the queue full is answered 429 with Retry-After at once rather than
+waiting unboundedly. A job is one request: each of its
 prompts (completions may send several) times ``n`` choices, run one after the other, so the
 engine's prefix reuse makes every choice after the first cost no prefill.
 
@@ -91,29 +94,61 @@ class Job:
 
 
 class Worker:
-    """The thread that owns the engine and runs queued jobs one at a time, in order."""
+    """The threads that run queued jobs in order: one (it owns the engine), or ``parallel`` over
+    a batched engine."""
 
-    def __init__(self, engine, max_queue: int, metrics: Metrics):
+    def __init__(self, engine, max_queue: int, metrics: Metrics, parallel: int = 1):
         self.engine, self.metrics = engine, metrics
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.busy: Job | None = None
+        self.parallel = parallel
+        self.batch = None
+        if parallel > 1:
+            from .batch import BatchEngine
+
+            self.batch = BatchEngine(engine, parallel).start()
+        self.max_queue = max_queue
+        # jobs wait here until a job thread is free; at most max_queue of them (``submit``)
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self._admitted = 0                 # jobs submitted and not yet ended: running + waiting
+        self.running: list[Job] = []       # the jobs being served, oldest first
         self.history: list[Job] = []       # finished jobs, oldest first (the last HISTORY)
         self.served = 0
         self.closing = False
         self._lock = threading.Lock()      # taking a job vs closing
         self._mean_s = 1.0                 # running mean request time, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="gptoss-engine", daemon=True)
-        self._thread.start()
+        self._local = threading.local()    # each job thread's view of the batched engine
+        self._threads = [threading.Thread(target=self._loop, name=f"gptoss-engine-{i}", daemon=True)
+                         for i in range(parallel)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def busy(self) -> Job | None:
+        """The oldest job being served, or None."""
+        running = self.running
+        return running[0] if running else None
+
+    def _engine(self):
+        """What this job thread generates with: the engine, or its own view of the batch."""
+        if self.batch is None:
+            return self.engine
+        if not hasattr(self._local, "view"):
+            from .batch import BatchView
+
+            self._local.view = BatchView(self.batch)
+        return self._local.view
 
     def submit(self, job: Job) -> None:
         if self.closing:
             raise ApiError(503, SHUTTING_DOWN, code="shutting_down", headers={"Connection": "close"})
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            wait = max(1, round(self._mean_s * (self.queue.qsize() + 1)))
-            raise ApiError(429, f"the server is busy: {self.queue.maxsize} requests are already waiting; retry later",
-                           code="queue_full", type_="rate_limit_error", headers={"Retry-After": str(wait)}) from None
+        with self._lock:
+            full = self._admitted >= self.parallel + self.max_queue
+            if not full:
+                self._admitted += 1
+                self.queue.put_nowait(job)
+        if full:
+            wait = max(1, round(self._mean_s * (self.queue.qsize() + 1) / self.parallel))
+            raise ApiError(429, f"the server is busy: {self.max_queue} requests are already waiting; retry later",
+                           code="queue_full", type_="rate_limit_error", headers={"Retry-After": str(wait)})
 
     def close(self) -> tuple[int, int]:
         """Shutting down: refuse the queued jobs and stop the running one (each gets a 503 End);
@@ -129,21 +164,28 @@ class Worker:
                     break
                 if job is not None:
                     refused.append(job)
-            running = self.busy
+                    self._admitted -= 1
+            running = list(self.running)
         for job in refused:
             job.outcome = "refused"
             job.cancel(end)
             job.put(end)
-        if running is not None:
-            running.cancel(end)
+        for job in running:
+            job.cancel(end)
         self.stop()
-        return int(running is not None), len(refused)
+        return len(running), len(refused)
 
     def stop(self) -> None:
-        try:
+        for _ in self._threads:
             self.queue.put_nowait(None)
-        except queue.Full:
-            pass
+        if self.batch is not None:
+            threading.Thread(target=self._close_batch, daemon=True).start()
+
+    def _close_batch(self) -> None:
+        for t in self._threads:        # the job threads end their requests first
+            if t is not threading.current_thread():
+                t.join(timeout=30)
+        self.batch.close()
 
     def _loop(self) -> None:
         if self.engine.device.type == "cuda":     # a new thread starts on cuda:0
@@ -153,8 +195,11 @@ class Worker:
         while (job := self.queue.get()) is not None:
             with self._lock:
                 refuse = self.closing
-                self.busy = None if refuse or job.cancelled.is_set() else job
+                if not (refuse or job.cancelled.is_set()):
+                    self.running.append(job)
             if refuse:                     # close() has drained the queue: not reached, but never silent
+                with self._lock:
+                    self._admitted -= 1
                 job.outcome = "refused"
                 job.put(End(SHUTTING_DOWN, 503, "shutting_down"))
                 continue
@@ -165,11 +210,14 @@ class Worker:
                 try:
                     end = self._run(job)
                 finally:
-                    self.busy = None
+                    with self._lock:
+                        self.running.remove(job)
                     self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
                 self.metrics.finished(time.perf_counter() - job.accepted)
-            self.served += 1               # recorded before the client hears of the end
-            self.history = (self.history + [job])[-HISTORY:]
+            with self._lock:
+                self._admitted -= 1
+                self.served += 1           # recorded before the client hears of the end
+                self.history = (self.history + [job])[-HISTORY:]
             job.put(job.abort or end)
 
     def _run(self, job: Job) -> End:
@@ -187,7 +235,7 @@ class Worker:
 
     def _choice(self, job: Job, index: int, prompt: list[int], nth: int) -> None:
         """One choice: score the prompt if it comes back with logprobs, generate, report."""
-        eng, req = self.engine, job.req
+        eng, req = self._engine(), job.req
         builder = job.builder(index) if job.builder is not None else ReplyBuilder(eng.tokenizer, req.stop, index)
         if req.echo:
             scored = (eng.prompt_logprobs(prompt, top=req.sampling.logprobs)
@@ -199,8 +247,9 @@ class Worker:
         outcome, cached = "length", 0
         if max_new > 0:
             seed = None if req.seed is None else (req.seed + nth) % 2**64
+            extra = {"cancelled": job.cancelled} if self.batch is not None else {}
             steps = eng.stream(prompt, req.sampling, max_new, () if req.ignore_eos else STOP_TOKEN_IDS, seed,
-                               job.constraint() if job.constraint is not None else None)
+                               job.constraint() if job.constraint is not None else None, **extra)
             try:
                 last = None
                 for step in steps:

@@ -95,7 +95,7 @@ def test_interrupted_run_keeps_finished_samples(full_run, tmp_path, monkeypatch)
     args, out, _ = full_run
     partial_path = tmp_path / "partial.json"
     _ctrl_c_at_the_second_sample(monkeypatch)
-    result = invoke(*args, "--output", partial_path)
+    result = invoke(*args, "--output", partial_path, "--parallel", "1")
     assert result.exit_code == 130
     assert f"1 of 11 samples are saved in {partial_path}; run the same command again to resume" in result.output
     partial = json.loads(partial_path.read_text())
@@ -110,7 +110,7 @@ def test_interrupted_run_without_output_says_nothing_was_saved(full_run, tmp_pat
     args, _, _ = full_run
     _ctrl_c_at_the_second_sample(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    result = invoke(*args)
+    result = invoke(*args, "--parallel", "1")
     assert result.exit_code == 130
     assert "stopped after 1 of 11 samples; nothing was saved" in result.output and "--output" in result.output
     assert "run the same command again" not in result.output

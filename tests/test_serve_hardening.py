@@ -177,7 +177,8 @@ def _read_sse(lines) -> list:
 
 
 def test_ctrl_c_ends_streams_refuses_the_queue_and_exits_in_one_line(tiny_hf_single):
-    proc, _, url = launch_serve(tiny_hf_single, "--context", "8192", "--served-model-name", MODEL)
+    # one at a time, so that two requests queue behind the running one
+    proc, _, url = launch_serve(tiny_hf_single, "--context", "8192", "--served-model-name", MODEL, "--parallel", "1")
     try:
         out = {}
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 8000}
