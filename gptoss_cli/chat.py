@@ -157,14 +157,19 @@ class ConsentPrompt:
 
     def __init__(self, console: Console, read=None):
         self.console = console
-        self.read = read or (lambda prompt: input(prompt))
+        self.read = read or self._plain_read  # shows the question, returns the answer
+
+    def _plain_read(self, question: str) -> str:
+        self.console.print(Text(question, style="bold"), end="")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
 
     def __call__(self, call, isolation: str) -> str:
         self.console.print(Text(f"  {call.tool}: {isolation}", style="yellow"), soft_wrap=True)
         while True:
-            self.console.print(Text(f"Run this {call.tool} call? [y]es / [n]o / [a]lways for this session: ",
-                                    style="bold"), end="")
-            answer = self.read("").strip().lower()
+            answer = self.read(f"Run this {call.tool} call? [y]es / [n]o / [a]lways for this session: ").strip().lower()
             if answer in ("y", "yes"):
                 return "yes"
             if answer in ("n", "no"):
@@ -242,13 +247,15 @@ class Repl:
             text = "\n".join(lines).strip("\n")
         return text
 
-    def _answer(self, prompt: str) -> str:
+    def _answer(self, question: str) -> str:
         """A consent answer: not kept in the message history."""
         if self.prompt is not None:
             from prompt_toolkit import prompt as ask
+            from prompt_toolkit.formatted_text import FormattedText
 
-            return ask(prompt)
-        return self._line(prompt)
+            return ask(FormattedText([("bold", question)]))
+        self.console.print(Text(question, style="bold"), end="")
+        return self._line(question)
 
     def _line(self, prompt: str) -> str:
         if self.prompt is not None:
@@ -260,8 +267,10 @@ class Repl:
 
     def loop(self) -> None:
         c = self.console
+        tools = sorted(self.session.tools.enabled) if self.session.tools is not None else []
         c.print(Text(f"Chatting with {self.model} · effort {self.session.conv.reasoning_effort} · "
-                     '/help for commands, """ or Alt+Enter for several lines, Ctrl-D to leave', style="dim"))
+                     + (f"tools: {', '.join(tools)} (/tools) · " if tools else "")
+                     + '/help for commands, """ or Alt+Enter for several lines, Ctrl-D to leave', style="dim"))
         while True:
             try:
                 text = self.read()

@@ -27,7 +27,7 @@ from .harmony import (
     EFFORTS, STOP_TOKEN_IDS, Conversation, Message, ReplyTally, Stop, StreamParser,
     history_after_reply, render_completion, render_conversation,
 )
-from .tool_python import ToolInterrupted
+from .chat_tools import CallStopped
 
 MAX_CALLS_PER_TURN = 32   # tool calls the model may make in one turn before it must answer
 
@@ -222,8 +222,8 @@ class ChatSession:
             calls += 1
             try:
                 result, ran = self.tools.run(call)
-            except ToolInterrupted as e:
-                result, ran = e.output, True
+            except CallStopped as e:
+                result, ran = e.message, True
                 turn.interrupted, turn.stop_reason = True, "interrupted"
             turn.reply.append(result)
             on_event(ToolResult(call, result, ran))

@@ -68,6 +68,14 @@ class ToolCall:
         return f"{self.message.recipient}: {self.message.content[:80]}"
 
 
+class CallStopped(Exception):
+    """Ctrl-C while asking about or running a call; ``message`` is the tool's message to keep."""
+
+    def __init__(self, message: Message):
+        super().__init__("stopped")
+        self.message = message
+
+
 def result_message(call: Message, text: str) -> Message:
     """The tool's answer to ``call``: the reference's ``Author(role=tool, name=recipient)``,
     to the assistant, on the call's channel."""
@@ -133,14 +141,14 @@ class ToolBox:
 
     def run(self, message: Message) -> tuple[Message, bool]:
         """Ask, run, answer: (the tool's message, whether it ran). Ctrl-C while asking or running
-        raises ``ToolInterrupted`` with the tool's message as ``output``."""
+        raises ``CallStopped`` with the tool's message."""
         call = ToolCall(message)
         if call.tool not in self.enabled:
             return result_message(message, f"The {call.tool} tool is turned off in this chat."), False
         try:
             answer = self._consent(call)
         except (KeyboardInterrupt, EOFError):
-            raise ToolInterrupted(result_message(message, DECLINED + " (stopped with Ctrl-C)")) from None
+            raise CallStopped(result_message(message, DECLINED + " (stopped with Ctrl-C)")) from None
         if answer == "always":
             self.always.add(call.tool)
         if answer not in ("yes", "always"):
@@ -153,9 +161,11 @@ class ToolBox:
                 text = self.browser.call(call.function, message.content)
         except ToolInterrupted as e:
             text = (e.output + "\n" if e.output.strip() else "") + "[interrupted by the user (Ctrl-C)]"
-            raise ToolInterrupted(result_message(message, text)) from None
+            raise CallStopped(result_message(message, text)) from None
         except KeyboardInterrupt:
-            raise ToolInterrupted(result_message(message, "[interrupted by the user (Ctrl-C)]")) from None
+            raise CallStopped(result_message(message, "[interrupted by the user (Ctrl-C)]")) from None
+        except GptossError as e:  # e.g. the kernel would not start: the model and the person both see why
+            return result_message(message, f"Error: {e}"), False
         return result_message(message, text), True
 
     def _consent(self, call: ToolCall) -> str:

@@ -35,6 +35,11 @@ from pathlib import Path
 
 from .errors import GptossError
 
+try:
+    import resource
+except ImportError:  # Windows: no rlimits; the wall-time limit still holds
+    resource = None
+
 SANDBOX = Path(__file__).with_name("tool_python_sandbox.py")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -157,7 +162,8 @@ class PythonTool:
             kc.start_channels()
             kc.wait_for_ready(timeout=60)
         except (RuntimeError, OSError) as e:
-            km.shutdown_kernel(now=True) if km.has_kernel else None
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
             raise GptossError(f"the python kernel did not start: {e}") from None
         self._km, self._kc = km, kc
         self.pid = int(self._quiet("import os as _o; print(_o.getpid()); del _o").strip())
@@ -197,9 +203,7 @@ class PythonTool:
             self.shutdown()
             self.start()
         lim = self.limits
-        if hasattr(__import__("resource"), "prlimit") and self.pid and os.path.exists(f"/proc/{self.pid}"):
-            import resource
-
+        if hasattr(resource, "prlimit") and self.pid and os.path.exists(f"/proc/{self.pid}"):
             soft = int(_cpu_seconds(self.pid) + lim.cpu_s) + 1
             resource.prlimit(self.pid, resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
         msg_id = self._kc.execute(code, store_history=True, allow_stdin=False)
