@@ -27,19 +27,7 @@ from .harmony import (
     EFFORTS, STOP_TOKEN_IDS, Conversation, Message, ReplyTally, Stop, StreamParser,
     history_after_reply, render_completion, render_conversation,
 )
-from .chat_tools import CallStopped
-
-MAX_CALLS_PER_TURN = 32   # tool calls the model may make in one turn before it must answer
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """An event of ``ChatSession.respond``: a built-in tool answered ``call`` with ``result``
-    (``ran``: False when it was declined or is off)."""
-
-    call: Message
-    result: Message
-    ran: bool
+from .chat_tools import MAX_CALLS_PER_TURN, CallStopped, ToolResult  # noqa: F401 (ToolResult re-exported)
 
 TRANSCRIPT_VERSION = 1
 
@@ -209,11 +197,9 @@ class ChatSession:
         tally = ReplyTally()                   # tokens by channel, and the raw text, over every round
         prompt_len, generated, calls = len(tokens), 0, 0
         t0 = time.perf_counter()
-        raw: list[str] = []
         while True:
             parser, stopped_on_call = self._generate(turn, tokens, room, generated, tally, on_event, on_token)
             generated += len(parser.tokens)
-            raw = tally.raw
             if turn.interrupted or turn.stop_reason != "stop" or not stopped_on_call or self.tools is None:
                 break
             call = turn.reply[-1] if turn.reply else None
@@ -235,7 +221,7 @@ class ChatSession:
             if room < 1 or generated >= self.settings.max_tokens:
                 turn.stop_reason = "context" if room < 1 else "length"
                 break
-        turn.raw = "".join(raw)
+        turn.raw = "".join(tally.raw)
         turn.stats = self._stats(tally.counts, prompt_len, time.perf_counter() - t0,
                                  context_used=len(tokens) + len(parser.tokens))
         self.turns.append(turn)

@@ -21,7 +21,7 @@ from .tool_python import PythonLimits, PythonTool, ToolInterrupted
 
 TOOL_NAMES = ("browser", "python")      # the system message declares them in this order
 DECLINED = "The user declined to run this tool call."
-MAX_CALLS_PER_TURN = 32
+MAX_CALLS_PER_TURN = 32   # tool calls the model may make in one turn before it must answer
 
 
 def parse_tool_names(text: str | None) -> list[str]:
@@ -66,6 +66,16 @@ class ToolCall:
         if self.function == "find":
             return f"find: {args.get('pattern', '?')}"
         return f"{self.message.recipient}: {self.message.content[:80]}"
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """An event of ``ChatSession.respond``: a built-in tool answered ``call`` with ``result``
+    (``ran``: False when it was declined or is off)."""
+
+    call: Message
+    result: Message
+    ran: bool
 
 
 class CallStopped(Exception):

@@ -32,7 +32,8 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from .chat_markdown import CoalescedText, MarkdownStream, OpenBlock
-from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
+from .chat_tools import ToolCall, ToolResult
+from .harmony import Malformed, Message, MessageEnd, MessageStart, TextDelta
 
 LIVE_HZ = 10  # redraws of a live region per second, at most
 RESULT_LINES = 12  # lines of a tool's result shown in the terminal (the model gets all of it)
@@ -115,7 +116,7 @@ class ReplyView:
             self._end()
         elif isinstance(event, Malformed):
             self._malformed(event)
-        elif type(event).__name__ == "ToolResult":
+        elif isinstance(event, ToolResult):
             self._tool_result(event)
 
     def _kind(self) -> str:
@@ -200,9 +201,6 @@ class ReplyView:
         self.current, self.text = None, ""
 
     def _show_call(self) -> None:
-        from .chat_tools import ToolCall
-        from .harmony import Message
-
         m = self.current
         call = ToolCall(Message("assistant", self.text, m.channel, m.recipient, m.content_type))
         self.console.print(Text(f"→ {call.summary()}", style="bold cyan"), soft_wrap=True)

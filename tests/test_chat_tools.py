@@ -344,3 +344,58 @@ def test_a_browser_call_in_a_chat_and_its_citation_as_a_link(site, o200k_encodin
     assert linker.feed("dives 【1†L") == "dives "
     assert linker.feed("2-L3】 yes") == f" [127.0.0.1:{site.rsplit(':', 1)[1]} L2-L3]({site}/page.html) yes"
     assert linker.feed("【0†L1】") == "【0†L1】"      # a search page is not a source
+
+
+def test_tools_command_lists_and_switches(python_tool, o200k_encoding, capsys):
+    from gptoss_cli.chat import Repl
+    from gptoss_cli.errors import GptossError
+
+    session, _, _ = make_session(o200k_encoding, [], python_tool)
+    session.tools._backend = None
+    repl = Repl(session, "scripted")
+    repl.command("/tools")
+    out = capsys.readouterr().out
+    assert "python  on" in out and python_tool.isolation.words in out and "browser off" in out
+    repl.command("/tools on browser")
+    assert "no search backend" in capsys.readouterr().out
+    assert [ns.name for ns in session.conv.builtin_tools] == ["browser", "python"]
+    repl.command("/tools off python")
+    assert [ns.name for ns in session.conv.builtin_tools] == ["browser"]
+    assert "## browser" in session.system_message() and "## python" not in session.system_message()
+    for bad, words in (("/tools maybe", "/tools on|off"), ("/tools on shell", "unknown tool 'shell'")):
+        with pytest.raises(GptossError, match=words):
+            repl.command(bad)
+
+
+def test_an_off_tool_answers_that_it_is_off(python_tool, o200k_encoding):
+    session, _, asked = make_session(o200k_encoding, [call("print(1)"), final("fine")], python_tool)
+    session.set_tool("python", False)
+    turn = session.respond("go")
+    assert turn.tool_calls[0]["result"] == "The python tool is turned off in this chat." and not asked
+
+
+def test_without_isolation_the_words_say_so(tmp_path):
+    tool = PythonTool(tmp_path / "s", isolation_kind="none")
+    assert tool.isolation.words.startswith("NOT isolated") and not tool.isolation.network_cut
+    assert tool.description_words()["internet"].startswith("UNKNOWN")
+
+
+def _available(kind: str) -> bool:
+    from gptoss_cli.errors import GptossError
+
+    try:
+        return isolation(kind).kind == kind
+    except GptossError:
+        return False
+
+
+@pytest.mark.skipif(not _available("bubblewrap"), reason="needs a working bubblewrap (bwrap)")
+def test_bubblewrap_isolation(tmp_path, site):
+    tool = PythonTool(tmp_path / "s", PythonLimits(wall_s=10), isolation_kind="bubblewrap")
+    try:
+        assert "Read-only file system" in tool.run(f"open({str(tmp_path / 'out.txt')!r}, 'w')")
+        port = site.split(":")[-1]
+        out = tool.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 3)")
+        assert "Network is unreachable" in out or "Connection refused" in out
+    finally:
+        tool.shutdown()
