@@ -20,9 +20,9 @@ from rich.markup import escape
 from rich.text import Text
 
 from .chat_session import ChatSession, Settings, Turn
+from .chat_tools import TOOL_NAMES, ToolBox, parse_tool_names
 from .chat_view import ReplyView, stats_line
 from .errors import ContextFullError, GptossError
-from .chat_tools import TOOL_NAMES, ToolBox, parse_tool_names
 from .harmony import EFFORTS, Conversation
 from .loading import load_engine
 

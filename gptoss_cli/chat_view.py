@@ -68,7 +68,7 @@ class CitationLinker:
         from urllib.parse import urlparse
 
         label = (urlparse(url).netloc or url) + (f" {m.group(2)}" if m.group(2) else "")
-        return f" [{label}]({url})"
+        return f" [{label}](<{url}>)"  # <...>: a URL with spaces or brackets stays one link
 
 
 class ReplyView:

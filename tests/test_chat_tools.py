@@ -342,7 +342,7 @@ def test_a_browser_call_in_a_chat_and_its_citation_as_a_link(site, o200k_encodin
     assert "search: pelican" in shown and f"{site}/page.html" in shown    # the link's target (OSC 8)
     linker = CitationLinker(box.url_for_cursor)
     assert linker.feed("dives 【1†L") == "dives "
-    assert linker.feed("2-L3】 yes") == f" [127.0.0.1:{site.rsplit(':', 1)[1]} L2-L3]({site}/page.html) yes"
+    assert linker.feed("2-L3】 yes") == f" [127.0.0.1:{site.rsplit(':', 1)[1]} L2-L3](<{site}/page.html>) yes"
     assert linker.feed("【0†L1】") == "【0†L1】"      # a search page is not a source
 
 
