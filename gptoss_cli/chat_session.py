@@ -92,7 +92,9 @@ class Turn:
 
     @property
     def reasoning(self) -> str:
-        return "".join(m.content for m in self.reply if m.channel == "analysis")
+        """The chain of thought: analysis messages, not the tool calls and results made on it."""
+        return "".join(m.content for m in self.reply if m.channel == "analysis" and m.role == "assistant"
+                       and m.recipient in (None, "all"))
 
     @property
     def answer(self) -> str:

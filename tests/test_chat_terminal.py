@@ -10,6 +10,7 @@ without tmux.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -130,12 +131,8 @@ from gptoss_cli.chat_tools import ToolBox
 from gptoss_cli.harmony import Conversation
 from gptoss_cli.tokenizer import load_encoding
 
-replies = [
-    "<|channel|>analysis<|message|>I will compute it.<|end|>"
-    "<|start|>assistant to=python<|channel|>analysis code<|message|>import math\nprint(math.factorial(20))<|call|>",
-    "<|channel|>analysis<|message|>The tool says 2432902008176640000.<|end|>"
-    "<|start|>assistant<|channel|>final<|message|>20! is **2432902008176640000**, computed in python.<|return|>",
-]
+import json
+replies = json.load(open(sys.argv[3], encoding="utf-8"))
 box = ToolBox({"python"})
 session = ChatSession(ScriptedEngine(load_encoding(sys.argv[1]), replies, delay_s=0.005), Conversation(),
                       Settings(), tools=box)
@@ -147,12 +144,26 @@ print("CHAT OVER")
 """
 
 
-def test_a_python_call_is_shown_consented_run_fed_back_and_the_answer_continues(tmux, tmp_path, o200k_dir):
+FACTORIAL = [
+    "<|channel|>analysis<|message|>I will compute it.<|end|>"
+    "<|start|>assistant to=python<|channel|>analysis code<|message|>import math\nprint(math.factorial(20))<|call|>",
+    "<|channel|>analysis<|message|>The tool says 2432902008176640000.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>20! is **2432902008176640000**, computed in python.<|return|>",
+]
+
+
+def _tool_chat(tmux, tmp_path, o200k_dir, replies):
     pytest.importorskip("jupyter_client")
     (tmp_path / "driver.py").write_text(TOOL_DRIVER)
-    cmd = [sys.executable, str(tmp_path / "driver.py"), str(o200k_dir), os.path.dirname(__file__)]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    cmd = [sys.executable, str(tmp_path / "driver.py"), str(o200k_dir), os.path.dirname(__file__),
+           str(tmp_path / "replies.json")]
     tmux.type(f"export GPTOSS_HOME={tmp_path / 'home'}; clear; " + _shell(cmd))
     tmux.wait_for(">>>", timeout=120)
+
+
+def test_a_python_call_is_shown_consented_run_fed_back_and_the_answer_continues(tmux, tmp_path, o200k_dir):
+    _tool_chat(tmux, tmp_path, o200k_dir, FACTORIAL)
     tmux.type("what is 20 factorial?")
     screen = tmux.wait_for("[a]lways for this session")
     asked = screen.split("what is 20 factorial?")[-1]
@@ -165,5 +176,23 @@ def test_a_python_call_is_shown_consented_run_fed_back_and_the_answer_continues(
     after = screen.split("[a]lways for this session")[-1]
     assert "← python" in after and "2432902008176640000" in after.split("← python")[1]
     assert "20! is 2432902008176640000, computed in python." in after     # the model went on
+    tmux.type("/exit")
+    tmux.wait_for("CHAT OVER")
+
+
+def test_ctrl_c_stops_a_running_python_call_and_the_chat_goes_on(tmux, tmp_path, o200k_dir):
+    sleepy = ("<|channel|>analysis<|message|>Wait.<|end|><|start|>assistant to=python<|channel|>analysis code"
+              "<|message|>import time\nprint('started', flush=True)\ntime.sleep(60)<|call|>")
+    _tool_chat(tmux, tmp_path, o200k_dir, [sleepy] + FACTORIAL)
+    tmux.type("sleep please")
+    tmux.wait_for("[a]lways for this session")
+    tmux.type("a")
+    time.sleep(2)                                      # the kernel starts and the call sleeps
+    subprocess.run(tmux.base + ["send-keys", "-t", "t", "C-c"], check=True)
+    screen = tmux.wait_for("ttft", timeout=30)
+    assert "interrupted by the user (Ctrl-C)" in screen and "the partial answer is kept" in screen
+    tmux.type("what is 20 factorial?")                 # the conversation goes on; "always" holds
+    screen = tmux.wait_for("computed in python.", timeout=60)
+    assert screen.count("[a]lways for this session") == 1
     tmux.type("/exit")
     tmux.wait_for("CHAT OVER")

@@ -64,6 +64,7 @@ def test_a_python_call_runs_is_fed_back_like_openai_harmony_and_the_turn_goes_on
     events = []
     turn = session.respond("what is 6*7?", events.append)
     assert turn.answer == "It is 42." and not turn.interrupted
+    assert turn.reasoning == "Let me compute."                    # the call and its result are apart
     assert turn.tool_calls == [{"recipient": "python", "arguments": "print(6 * 7)", "content_type": "code",
                                 "channel": "analysis", "result": "42\n"}]
     assert [e.result.content for e in events if isinstance(e, ToolResult)] == ["42\n"]
