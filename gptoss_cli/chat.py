@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from .chat_session import ChatSession, Settings, Turn
+from .chat_tools import TOOL_NAMES, ToolBox, parse_tool_names
 from .chat_view import ReplyView, stats_line
 from .errors import ContextFullError, GptossError
 from .harmony import EFFORTS, Conversation
@@ -38,6 +39,7 @@ COMMANDS = {  # name: (its arguments, what it does), shown by /help in two align
     "/save": ("FILE", "JSON transcript with reasoning (FILE.md: Markdown export)"),
     "/load": ("FILE", "continue a saved JSON transcript"),
     "/copy": ("", "copy the last answer to the clipboard"),
+    "/tools": ("[on|off python|browser]", "list the built-in tools, or turn one on or off"),
     "/stats": ("", "figures of the last reply"),
     "/context": ("", "context used, and the rendered system message"),
     "/trim": ("[N]", "drop the N oldest turns (default 1)"),
@@ -47,6 +49,7 @@ ARGUMENTS = {
     "/effort": list(EFFORTS),
     "/reasoning": ["show", "hide"],
     "/set": ["temperature", "top_p", "max_tokens", "seed"],
+    "/tools": ["on python", "on browser", "off python", "off browser"],
 }
 
 # The --json output of ``--prompt`` (JSON Schema, draft 2020-12); documented in README.md.
@@ -63,7 +66,8 @@ PROMPT_JSON_SCHEMA = {
         "tool_calls": {"type": "array", "items": {
             "type": "object", "required": ["recipient", "arguments"],
             "properties": {"recipient": {"type": "string"}, "arguments": {"type": "string"},
-                           "content_type": {"type": ["string", "null"]}}}},
+                           "content_type": {"type": ["string", "null"]}, "channel": {"type": ["string", "null"]},
+                           "result": {"type": ["string", "null"]}}}},
         "other": {"type": "string"},
         "raw": {"type": "string"},
         "stop_reason": {"enum": ["stop", "length", "context", "interrupted"]},
@@ -81,7 +85,8 @@ PROMPT_JSON_SCHEMA = {
 
 def run(*, model: str, effort: str, system: str | None, developer: str | None, temperature: float,
         top_p: float, max_tokens: int, context: int, seed: int | None, reasoning: str,
-        prompt: str | None, json_out: bool, device: str, dtype: str, yes: bool) -> None:
+        prompt: str | None, json_out: bool, device: str, dtype: str, yes: bool,
+        tools: str | None = None, yes_tools: bool = False) -> None:
     if json_out and prompt is None:
         raise GptossError("--json goes with --prompt", "e.g. gptoss chat --prompt 'hi' --json")
     settings = Settings(max_tokens=max_tokens, reasoning=reasoning)
@@ -93,15 +98,21 @@ def run(*, model: str, effort: str, system: str | None, developer: str | None, t
     if prompt is not None and not prompt.strip():
         raise GptossError("the prompt is empty")
     err = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())  # a pipe: no wrapping
+    toolbox = ToolBox(parse_tool_names(tools), yes=yes_tools)
     engine = load_engine(model, device, dtype, context, yes, err, quiet=json_out)
     conv = Conversation(reasoning_effort=effort, developer_instructions=developer or None)
     if system:
         conv.model_identity = system
-    session = ChatSession(engine, conv, settings)
-    if prompt is not None:
-        answer_once(session, prompt, model, json_out, err)
-    else:
-        Repl(session, model).loop()
+    session = ChatSession(engine, conv, settings, tools=toolbox)
+    try:
+        if prompt is not None:
+            if not json_out and sys.stdin.isatty():
+                toolbox.ask = ConsentPrompt(err)
+            answer_once(session, prompt, model, json_out, err)
+        else:
+            Repl(session, model).loop()
+    finally:
+        toolbox.close()
 
 
 def read_stdin_prompt() -> str:
@@ -123,7 +134,7 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
         return
     out = Console(highlight=False)
     view = ReplyView(err, show_reasoning=session.settings.reasoning == "show", answer_console=out,
-                     show_hint="--reasoning show")
+                     show_hint="--reasoning show", cite=_cite(session))
     try:
         turn = session.respond(prompt, view, view.on_token)
     finally:
@@ -134,6 +145,37 @@ def answer_once(session: ChatSession, prompt: str, model: str, json_out: bool, e
                        "a larger --context (-c) gives it room", style="yellow"), soft_wrap=True)
     if turn.interrupted:
         raise KeyboardInterrupt
+
+
+def _cite(session: ChatSession):
+    return session.tools.url_for_cursor if session.tools is not None else None
+
+
+class ConsentPrompt:
+    """Asks before a tool call runs: yes / no / always (for this session). The call itself was
+    shown by the reply view; this says what isolation it runs under."""
+
+    def __init__(self, console: Console, read=None):
+        self.console = console
+        self.read = read or self._plain_read  # shows the question, returns the answer
+
+    def _plain_read(self, question: str) -> str:
+        self.console.print(Text(question, style="bold"), end="")
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    def __call__(self, call, isolation: str) -> str:
+        self.console.print(Text(f"  {call.tool}: {isolation}", style="yellow"), soft_wrap=True)
+        while True:
+            answer = self.read(f"Run this {call.tool} call? [y]es / [n]o / [a]lways for this session: ").strip().lower()
+            if answer in ("y", "yes"):
+                return "yes"
+            if answer in ("n", "no"):
+                return "no"
+            if answer in ("a", "always"):
+                return "always"
 
 
 def turn_json(turn: Turn, model: str, prompt: str, session: ChatSession) -> dict:
@@ -161,6 +203,8 @@ class Repl:
         self.console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
         self.tty = sys.stdin.isatty() and sys.stdout.isatty()
         self.prompt = self._make_prompt() if self.tty else None
+        if session.tools is not None:
+            session.tools.ask = ConsentPrompt(self.console, self._answer)
 
     def _make_prompt(self):
         from prompt_toolkit import PromptSession
@@ -203,6 +247,16 @@ class Repl:
             text = "\n".join(lines).strip("\n")
         return text
 
+    def _answer(self, question: str) -> str:
+        """A consent answer: not kept in the message history."""
+        if self.prompt is not None:
+            from prompt_toolkit import prompt as ask
+            from prompt_toolkit.formatted_text import FormattedText
+
+            return ask(FormattedText([("bold", question)]))
+        self.console.print(Text(question, style="bold"), end="")
+        return self._line(question)
+
     def _line(self, prompt: str) -> str:
         if self.prompt is not None:
             return self.prompt.prompt(prompt)
@@ -213,8 +267,10 @@ class Repl:
 
     def loop(self) -> None:
         c = self.console
+        tools = sorted(self.session.tools.enabled) if self.session.tools is not None else []
         c.print(Text(f"Chatting with {self.model} · effort {self.session.conv.reasoning_effort} · "
-                     '/help for commands, """ or Alt+Enter for several lines, Ctrl-D to leave', style="dim"))
+                     + (f"tools: {', '.join(tools)} (/tools) · " if tools else "")
+                     + '/help for commands, """ or Alt+Enter for several lines, Ctrl-D to leave', style="dim"))
         while True:
             try:
                 text = self.read()
@@ -233,7 +289,8 @@ class Repl:
                 c.print(Text(f"error: {e}", style="red"))
 
     def turn(self, respond) -> None:
-        view = ReplyView(self.console, show_reasoning=self.session.settings.reasoning == "show")
+        view = ReplyView(self.console, show_reasoning=self.session.settings.reasoning == "show",
+                         cite=_cite(self.session))
         try:
             turn = respond(view, view.on_token)
         except ContextFullError as e:
@@ -303,8 +360,12 @@ class Repl:
                 raise GptossError("use /load FILE")
             s.load(arg)
             c.print(f"loaded {len(s.turns)} turns from {escape(arg)}")
+            if any(call["recipient"] == "python" for t in s.turns for call in t.tool_calls):
+                c.print(Text("the python kernel starts fresh: variables of the loaded calls are not restored", style="dim"))
         elif name == "/copy":
             self.copy()
+        elif name == "/tools":
+            self.tools_command(arg)
         elif name == "/stats":
             if not s.turns:
                 c.print("no reply yet")
@@ -323,6 +384,25 @@ class Repl:
         else:
             raise GptossError(f"unknown command {name}", "/help lists the commands")
         return None
+
+    def tools_command(self, arg: str) -> None:
+        s, c = self.session, self.console
+        if arg:
+            action, _, name = arg.partition(" ")
+            if action not in ("on", "off") or not name.strip():
+                raise GptossError("use /tools, or /tools on|off python|browser")
+            s.set_tool(name.strip(), action == "on")
+        for name in TOOL_NAMES:
+            on = name in s.tools.enabled
+            how = (s.tools.isolation_words(name) if on and name == "python" else
+                   (self._search_words() if on else ""))
+            c.print(Text.assemble((f"{name:8}", "bold"), ("on " if on else "off", "green" if on else "dim"),
+                                  f"  {how}" if how else "",
+                                  ("  (always allowed)" if name in s.tools.always else "")))
+
+    def _search_words(self) -> str:
+        backend = self.session.tools.browser.backend
+        return f"search through {backend.name}" if backend else "no search backend (EXA_API_KEY or SEARXNG_URL); open works"
 
     def copy(self) -> None:
         turns = self.session.turns

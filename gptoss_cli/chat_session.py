@@ -24,9 +24,10 @@ from .config import MAX_TEMPERATURE
 from .engine import Engine, memory_stats
 from .errors import ContextFullError, GptossError, why_not_written
 from .harmony import (
-    EFFORTS, STOP_TOKEN_IDS, Conversation, Message, ReplyTally, StreamParser,
+    EFFORTS, STOP_TOKEN_IDS, Conversation, Message, ReplyTally, Stop, StreamParser,
     history_after_reply, render_completion, render_conversation,
 )
+from .chat_tools import MAX_CALLS_PER_TURN, CallStopped, ToolResult  # noqa: F401 (ToolResult re-exported)
 
 TRANSCRIPT_VERSION = 1
 
@@ -91,7 +92,9 @@ class Turn:
 
     @property
     def reasoning(self) -> str:
-        return "".join(m.content for m in self.reply if m.channel == "analysis")
+        """The chain of thought: analysis messages, not the tool calls and results made on it."""
+        return "".join(m.content for m in self.reply if m.channel == "analysis" and m.role == "assistant"
+                       and m.recipient in (None, "all"))
 
     @property
     def answer(self) -> str:
@@ -102,14 +105,19 @@ class Turn:
         """Text of well-formed messages that are neither reasoning, answer nor tool call (e.g. a
         commentary preamble, another channel); a message without a channel is in ``raw``."""
         return "".join(m.content for m in self.reply if m.channel not in (None, "analysis", "final")
-                       and not (m.role == "assistant" and m.recipient not in (None, "all")))
+                       and m.role != "tool" and not (m.role == "assistant" and m.recipient not in (None, "all")))
 
     @property
     def tool_calls(self) -> list[dict]:
-        return [
-            {"recipient": m.recipient, "arguments": m.content, "content_type": m.content_type}
-            for m in self.reply if m.role == "assistant" and m.recipient not in (None, "all")
-        ]
+        """The calls of the reply, each with the tool's answer (None when it was not run here)."""
+        calls = []
+        for i, m in enumerate(self.reply):
+            if m.role == "assistant" and m.recipient not in (None, "all"):
+                nxt = self.reply[i + 1] if i + 1 < len(self.reply) else None
+                result = nxt.content if nxt is not None and nxt.role == "tool" and nxt.name == m.recipient else None
+                calls.append({"recipient": m.recipient, "arguments": m.content, "content_type": m.content_type,
+                              "channel": m.channel, "result": result})
+        return calls
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -128,11 +136,19 @@ class Turn:
 class ChatSession:
     """The conversation state of ``gptoss chat`` over one engine."""
 
-    def __init__(self, engine: Engine, conversation: Conversation, settings: Settings):
+    def __init__(self, engine: Engine, conversation: Conversation, settings: Settings, tools=None):
         self.engine = engine
         self.conv = conversation       # settings (effort, instructions, tools); messages derived
         self.settings = settings
         self.turns: list[Turn] = []
+        self.tools = tools             # chat_tools.ToolBox: runs python/browser calls; None: calls end the turn
+        if tools is not None:
+            self.conv.builtin_tools = tools.namespaces()
+
+    def set_tool(self, name: str, on: bool) -> None:
+        """``/tools on|off NAME``: declared from the next turn on."""
+        self.tools.set(name, on)
+        self.conv.builtin_tools = self.tools.namespaces()
 
     # ---- what gets rendered --------------------------------------------------------------------
     def history(self, turns: list[Turn] | None = None) -> list[Message]:
@@ -166,7 +182,10 @@ class ChatSession:
                 on_token: Callable = lambda channel: None) -> Turn:
         """Generate the reply to ``user_text``, streaming parser events to ``on_event``.
 
-        Ctrl-C (KeyboardInterrupt) stops generation; the partial reply is kept as the turn.
+        When the model calls a built-in tool (``python``, ``browser.*``) and ``self.tools`` is set,
+        the call is run (after consent), its result is sent to ``on_event`` as a ``ToolResult``
+        and added to the reply, and the model goes on in the same turn.
+        Ctrl-C (KeyboardInterrupt) stops generation or the running tool; the partial reply is kept.
         A prompt that does not fit raises ``ContextFullError`` and changes nothing.
         """
         tokens = self.prompt_tokens(user_text)
@@ -177,20 +196,57 @@ class ChatSession:
                 "/trim drops the oldest turns, /reset starts over, or restart with a larger --context",
             )
         turn = Turn(user=user_text, effort=self.conv.reasoning_effort)
+        tally = ReplyTally()                   # tokens by channel, and the raw text, over every round
+        prompt_len, generated, calls = len(tokens), 0, 0
+        t0 = time.perf_counter()
+        while True:
+            parser, stopped_on_call = self._generate(turn, tokens, room, generated, tally, on_event, on_token)
+            generated += len(parser.tokens)
+            if turn.interrupted or turn.stop_reason != "stop" or not stopped_on_call or self.tools is None:
+                break
+            call = turn.reply[-1] if turn.reply else None
+            if call is None or not self.tools.wants(call) or calls >= MAX_CALLS_PER_TURN:
+                break
+            calls += 1
+            try:
+                result, ran = self.tools.run(call)
+            except CallStopped as e:
+                result, ran = e.message, True
+                turn.interrupted, turn.stop_reason = True, "interrupted"
+            turn.reply.append(result)
+            on_event(ToolResult(call, result, ran))
+            if turn.interrupted:
+                break
+            tokens = render_completion(self.conversation([Message("user", user_text), *turn.reply]),
+                                       self.engine.tokenizer)
+            room = self.context_limit - len(tokens)
+            if room < 1 or generated >= self.settings.max_tokens:
+                turn.stop_reason = "context" if room < 1 else "length"
+                break
+        turn.raw = "".join(tally.raw)
+        turn.stats = self._stats(tally.counts, prompt_len, time.perf_counter() - t0,
+                                 context_used=len(tokens) + len(parser.tokens))
+        self.turns.append(turn)
+        return turn
+
+    def _generate(self, turn: Turn, tokens: list[int], room: int, generated: int, tally: ReplyTally,
+                  on_event: Callable, on_token: Callable) -> tuple[StreamParser, bool]:
+        """One round of generation into ``turn``: (its parser, whether it stopped on ``<|call|>``)."""
         parser = StreamParser(self.engine.tokenizer)
-        tally = ReplyTally()                   # tokens by channel, and the raw text
         s = self.settings
         gen = self.engine.generate(
-            tokens, max_new_tokens=min(s.max_tokens, room), temperature=s.temperature,
+            tokens, max_new_tokens=max(1, min(s.max_tokens - generated, room)), temperature=s.temperature,
             top_p=s.top_p, stop_tokens=STOP_TOKEN_IDS, seed=s.seed,
         )
-        t0 = time.perf_counter()
+        called = False
 
         def emit(events, counted):
+            nonlocal called
             for kind, n in counted:
                 for _ in range(n):
                     on_token(kind)
             for e in events:
+                called = called or (isinstance(e, Stop) and e.kind == "call")
                 on_event(e)
 
         try:
@@ -206,13 +262,10 @@ class ChatSession:
         finally:
             events = parser.finish()
             emit(events, tally.finish(events))
-            turn.raw = "".join(tally.raw)
-        turn.reply = parser.messages
-        turn.stats = self._stats(tally.counts, len(tokens), time.perf_counter() - t0)
-        self.turns.append(turn)
-        return turn
+            turn.reply.extend(parser.messages)
+        return parser, called
 
-    def _stats(self, counts: dict, prompt_len: int, wall_s: float) -> dict:
+    def _stats(self, counts: dict, prompt_len: int, wall_s: float, context_used: int | None = None) -> dict:
         st = self.engine.last_stats
         generated = sum(counts.values())
         mem = memory_stats(self.engine.device)
@@ -227,7 +280,7 @@ class ChatSession:
             "answer_tokens": counts["final"],
             "other_tokens": counts["other"],
             "generated_tokens": generated,
-            "context_used": prompt_len + generated,
+            "context_used": prompt_len + generated if context_used is None else context_used,
             "context_limit": self.context_limit,
             "peak_memory_bytes": mem.get("peak_allocated", mem.get("peak_rss")),
             "wall_s": round(wall_s, 4),
@@ -249,6 +302,8 @@ class ChatSession:
 
     def reset(self) -> None:
         self.turns.clear()
+        if self.tools is not None:
+            self.tools.restart()
 
     def trim(self, n: int = 1) -> int:
         """Drop the ``n`` oldest turns; returns how many were dropped."""
@@ -302,6 +357,9 @@ class ChatSession:
         except (TypeError, KeyError, AttributeError) as e:
             raise GptossError(f"{path} is not a valid transcript ({e})") from None
         self.conv, self.turns, self.settings = conv, turns, settings
+        if self.tools is not None:  # the tools on now are declared; the kernel starts fresh
+            self.conv.builtin_tools = self.tools.namespaces()
+            self.tools.restart()
 
     def to_markdown(self) -> str:
         c = self.conv
@@ -313,7 +371,10 @@ class ChatSession:
             if t.reasoning:
                 lines += [f"<details><summary>Reasoning ({t.effort}, {t.stats.get('reasoning_tokens', '?')} tokens)</summary>", "", t.reasoning, "", "</details>", ""]
             for call in t.tool_calls:
-                lines += [f"**Tool call** `{call['recipient']}`", "", "```json", call["arguments"], "```", ""]
+                lang = "python" if call["recipient"] == "python" else "json"
+                lines += [f"**Tool call** `{call['recipient']}`", "", f"```{lang}", call["arguments"], "```", ""]
+                if call["result"] is not None:
+                    lines += ["**Tool result**", "", "```text", call["result"], "```", ""]
             lines += ["**Assistant**", "", t.answer or t.raw or "_(no answer)_"]
             if t.interrupted:
                 lines += ["", "_(interrupted)_"]

@@ -4,7 +4,10 @@
   collapses to a summary with the token count;
 - final: streamed, rendered as Markdown: each finished block is printed once, only the open block
   is live (a Rich ``Live`` region on a terminal; ``chat_markdown``);
-- commentary with a recipient: a tool call, shown with its arguments;
+- commentary with a recipient: a tool call, shown with its arguments; a call to a built-in tool
+  is shown when complete (python's code highlighted; the browser's query, URL or pattern), then
+  its result (``ToolResult``), cut to a few lines;
+- citations of browser pages (``【cursor†L9-L11】``) in the answer become terminal links;
 - malformed output: the raw text, marked, never swallowed.
 
 Streamed plain text (reasoning, tool arguments, an answer on a pipe) is written in batches of at
@@ -19,23 +22,60 @@ the old region and its print, and the cursor then moved by a stale height (lines
 from __future__ import annotations
 
 import json
+import re
 import time
+from typing import Callable
 
 from rich.console import Console
 from rich.live import Live
+from rich.syntax import Syntax
 from rich.text import Text
 
 from .chat_markdown import CoalescedText, MarkdownStream, OpenBlock
-from .harmony import Malformed, MessageEnd, MessageStart, TextDelta
+from .chat_tools import ToolCall, ToolResult
+from .harmony import Malformed, Message, MessageEnd, MessageStart, TextDelta
 
 LIVE_HZ = 10  # redraws of a live region per second, at most
+RESULT_LINES = 12  # lines of a tool's result shown in the terminal (the model gets all of it)
+CITATION = re.compile(r"【(\d+)†([^†】]*)(?:†[^†】]*)?】")
+
+
+class CitationLinker:
+    """Turns the browser citations of streamed Markdown (``【3†L9-L11】``) into Markdown links to
+    the cited page, holding back a citation split across deltas until it is complete."""
+
+    def __init__(self, url_for_cursor: Callable[[int], str | None]):
+        self.url_for_cursor = url_for_cursor
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        text = self.pending + text
+        cut = text.rfind("【")
+        if cut >= 0 and "】" not in text[cut:] and len(text) - cut < 80:
+            text, self.pending = text[:cut], text[cut:]
+        else:
+            self.pending = ""
+        return CITATION.sub(self._link, text)
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return CITATION.sub(self._link, text)
+
+    def _link(self, m: re.Match) -> str:
+        url = self.url_for_cursor(int(m.group(1)))
+        if not url:
+            return m.group(0)
+        from urllib.parse import urlparse
+
+        label = (urlparse(url).netloc or url) + (f" {m.group(2)}" if m.group(2) else "")
+        return f" [{label}](<{url}>)"  # <...>: a URL with spaces or brackets stays one link
 
 
 class ReplyView:
     """Consumes the session's events (``__call__``) and tokens (``on_token``) for one reply."""
 
     def __init__(self, console: Console, show_reasoning: bool = True, answer_console: Console | None = None,
-                 show_hint: str = "/reasoning show"):
+                 show_hint: str = "/reasoning show", cite: Callable[[int], str | None] | None = None):
         self.show_hint = show_hint              # how to see hidden reasoning: a command, or an option
         self.console = console                  # reasoning, labels, tool calls
         self.out = answer_console or console    # the answer (stdout in --prompt mode)
@@ -50,6 +90,8 @@ class ReplyView:
         self.hidden_tokens = 0
         self.wrote_answer = False
         self._drawn_at = 0.0                    # when the live region was last redrawn
+        self.cite = cite                        # browser cursor -> URL, for citations as links
+        self.linker: CitationLinker | None = None
 
     # ---- tokens (for the hidden-reasoning counter) ------------------------------------------
     def on_token(self, channel: str) -> None:
@@ -74,14 +116,27 @@ class ReplyView:
             self._end()
         elif isinstance(event, Malformed):
             self._malformed(event)
+        elif isinstance(event, ToolResult):
+            self._tool_result(event)
 
     def _kind(self) -> str:
         m = self.current
         if m is None:
             return "none"
         if m.recipient not in (None, "all") and m.role == "assistant":
-            return "tool"
+            return "builtin" if m.recipient == "python" or m.recipient.startswith("browser.") else "tool"
         return "analysis" if m.channel == "analysis" else "answer"
+
+    def _tool_result(self, event) -> None:
+        self._close_live()
+        text = event.result.content.rstrip("\n")
+        lines = text.splitlines() or [""]
+        shown = "\n".join(lines[:RESULT_LINES])
+        if len(lines) > RESULT_LINES:
+            shown += f"\n… {len(lines) - RESULT_LINES} more lines (the model reads them all)"
+        label = f"← {event.result.name}" + ("" if event.ran else " (not run)")
+        self.console.print(Text(label, style="bold green" if event.ran else "bold yellow"))
+        self.console.print(Text(shown, style="dim"), soft_wrap=True)
 
     def _start(self, m: MessageStart) -> None:
         self._close_live()
@@ -99,8 +154,11 @@ class ReplyView:
             label = f"→ tool call {m.recipient}" + (f" ({m.content_type})" if m.content_type else "")
             self.console.print(Text(label, style="bold cyan"))
             self.stream = CoalescedText(self.console, "cyan")
+        elif kind == "builtin":
+            pass  # shown whole when complete (_end): highlighted code, or the query / URL
         elif kind == "answer" and self.live_ok:
             self.markdown = MarkdownStream()
+            self.linker = CitationLinker(self.cite) if self.cite is not None else None
             self.live = Live(OpenBlock(self.markdown), console=self.out, auto_refresh=False,
                              transient=True)
             self.live.start()
@@ -109,9 +167,11 @@ class ReplyView:
 
     def _delta(self, text: str) -> None:
         kind = self._kind()
-        if kind == "tool":
+        if kind in ("tool", "builtin"):
             self.text += text  # kept to check the arguments; an answer's text is not copied per token
         self.wrote_answer |= kind == "answer"
+        if self.markdown is not None and self.linker is not None:
+            text = self.linker.feed(text)
         if self.markdown is not None:
             for block in self.markdown.feed(text):
                 self.out.print(block)
@@ -134,15 +194,29 @@ class ReplyView:
                 json.loads(self.text)
             except ValueError:
                 self.console.print(Text("  (arguments are not valid JSON)", style="yellow"))
+        elif kind == "builtin":
+            self._show_call()
         elif kind == "answer" and self.markdown is None:
             self.out.print()
         self.current, self.text = None, ""
+
+    def _show_call(self) -> None:
+        m = self.current
+        call = ToolCall(Message("assistant", self.text, m.channel, m.recipient, m.content_type))
+        self.console.print(Text(f"→ {call.summary()}", style="bold cyan"), soft_wrap=True)
+        if call.tool == "python":
+            self.console.print(Syntax(self.text.strip("\n"), "python", theme="ansi_dark",
+                                      background_color="default", word_wrap=True))
 
     def _flush(self) -> None:
         """Print what is pending: batched text, and the open Markdown block (after its live view)."""
         if self.stream is not None:
             self.stream.flush()
             self.stream = None
+        if self.markdown is not None and self.linker is not None:
+            for block in self.markdown.feed(self.linker.flush()):
+                self.out.print(block)
+            self.linker = None
         if self.markdown is not None:
             self._close_live()
             self.out.print(self.markdown.finish())

@@ -234,6 +234,8 @@ def chat(
     dtype: Dtype = typer.Option(Dtype.auto, "--dtype", help="Activation dtype (auto: bfloat16 on a GPU and on CPUs with AVX512-BF16, else float32)."),
     no_check: bool = typer.Option(False, "--no-check", callback=_no_check, help=NO_CHECK_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="Download the model without asking if it is missing."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="Built-in tools to turn on: python, browser (comma-separated)."),
+    yes_tools: bool = typer.Option(False, "--yes-tools", help="Run the model's tool calls without asking."),
 ):
     """Talk to gpt-oss in the terminal, or answer one prompt (--prompt)."""
     from . import chat as mod
@@ -241,7 +243,8 @@ def chat(
     _use_threads(threads)
     mod.run(model=model, effort=effort.value, system=system, developer=developer, temperature=temperature,
             top_p=top_p, max_tokens=max_tokens, context=context, seed=seed, reasoning=reasoning.value,
-            prompt=prompt, json_out=json_out, device=device, dtype=dtype.value, yes=yes)
+            prompt=prompt, json_out=json_out, device=device, dtype=dtype.value, yes=yes, tools=tools,
+            yes_tools=yes_tools)
 
 
 @app.command()

@@ -23,7 +23,9 @@ from typing import NamedTuple, Union
 import tiktoken
 
 from .errors import GptossError
-from .harmony_tools import FunctionTool, schema_to_typescript, tools_section  # noqa: F401 (re-exported)
+from .harmony_tools import (  # noqa: F401 (re-exported)
+    FunctionTool, ToolNamespace, builtin_tools_section, schema_to_typescript, tools_section,
+)
 from .tokenizer import FIRST_SPECIAL_ID, SPECIAL_TOKENS
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -101,6 +103,7 @@ class Conversation:
     reasoning_effort: str = "medium"
     developer_instructions: str | None = None
     tools: list[FunctionTool] = field(default_factory=list)
+    builtin_tools: list[ToolNamespace] = field(default_factory=list)  # python, browser: the system message
 
     def __post_init__(self):
         if self.reasoning_effort not in EFFORTS:
@@ -116,6 +119,7 @@ class Conversation:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["messages"] = [m.to_dict() for m in self.messages]
         d["tools"] = [t.to_dict() for t in self.tools]
+        d["builtin_tools"] = [t.to_dict() for t in self.builtin_tools]
         return d
 
     @classmethod
@@ -124,6 +128,7 @@ class Conversation:
             settings = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
             settings["messages"] = [Message.from_dict(m) for m in raw.get("messages", ())]
             settings["tools"] = [FunctionTool.from_dict(t) for t in raw.get("tools", ())]
+            settings["builtin_tools"] = [ToolNamespace.from_dict(t) for t in raw.get("builtin_tools", ())]
             return cls(**settings)
         except (TypeError, AttributeError) as e:
             raise GptossError(f"not a saved conversation: {e}") from None
@@ -133,13 +138,15 @@ def history_after_reply(history: list[Message], reply: list[Message]) -> list[Me
     """The conversation to render next, after the model's ``reply`` (its parsed messages).
 
     Harmony's rule: once a turn ends with a message on the ``final`` channel, the chain of
-    thought (``analysis``) of that turn and of earlier ones is dropped; a turn that ends in a tool
-    call keeps its analysis, since the model continues it after the tool's result.
+    thought (``analysis``) of that turn and of earlier ones is dropped, with the built-in tools'
+    calls and results made on it (as the reference's ``auto_drop_analysis`` drops every message on
+    that channel); a turn that ends in a tool call keeps its analysis, since the model continues it
+    after the tool's result.
     """
     messages = [*history, *reply]
     ended_final = bool(reply) and reply[-1].role == "assistant" and reply[-1].channel == "final"
     if ended_final:
-        messages = [m for m in messages if not (m.role == "assistant" and m.channel == "analysis")]
+        messages = [m for m in messages if m.channel != "analysis"]
     return messages
 
 
@@ -155,6 +162,8 @@ def system_text(conv: Conversation) -> str:
         top.append(f"Current date: {conv.current_date}")
     sections = ["\n".join(top)] if top else []
     sections.append(f"Reasoning: {conv.reasoning_effort}")
+    if conv.builtin_tools:
+        sections.append(builtin_tools_section(conv.builtin_tools))
     channels = f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
     if conv.tools:
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."

@@ -260,3 +260,105 @@ def tools_section(tools: list[FunctionTool]) -> str:
             lines.append(f"type {tool.name} = () => any;\n")
     lines.append("} // namespace functions")
     return "# Tools\n\n" + "\n".join(lines)
+
+
+# ---- built-in tool namespaces (the system message's ``# Tools``) ------------------------------
+# gpt-oss was trained with two built-in tools, declared in the system message rather than the
+# developer message: ``browser`` (a namespace of three functions) and ``python`` (a namespace with
+# a description and no functions: the model sends it code). The texts below are openai-harmony's
+# ``ToolNamespaceConfig.browser()`` and ``.python()`` (``src/chat.rs``), word for word.
+
+
+@dataclass(frozen=True)
+class ToolNamespace:
+    """A namespace of tools declared in the system message (``## NAME`` under ``# Tools``)."""
+
+    name: str
+    description: str | None = None
+    tools: tuple[FunctionTool, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "tools": [t.to_dict() for t in self.tools]}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ToolNamespace":
+        try:
+            return cls(raw["name"], raw.get("description"), tuple(FunctionTool.from_dict(t) for t in raw.get("tools", ())))
+        except (KeyError, TypeError) as e:
+            raise GptossError(f"not a tool namespace: {e}") from None
+
+
+BROWSER_DESCRIPTION = """Tool for browsing.
+The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
+Cite information from the tool using the following format:
+`【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
+Do not quote more than 10 words directly from the tool output.
+sources=web (default: web)"""
+
+BROWSER_FUNCTIONS = (
+    FunctionTool("search", "Searches for information related to `query` and displays `topn` results.", {
+        "type": "object",
+        "properties": {"query": {"type": "string"}, "topn": {"type": "number", "default": 10},
+                       "source": {"type": "string"}},
+        "required": ["query"]}),
+    FunctionTool("open", "Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing `num_lines` lines.\n"
+                 "Valid link ids are displayed with the formatting: `【{id}†.*】`.\n"
+                 "If `cursor` is not provided, the most recent page is implied.\n"
+                 "If `id` is a string, it is treated as a fully qualified URL associated with `source`.\n"
+                 "If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered on the most relevant passage, if available.\n"
+                 "Use this function without `id` to scroll to a new location of an opened page.", {
+        "type": "object",
+        "properties": {"id": {"type": ["number", "string"], "default": -1}, "cursor": {"type": "number", "default": -1},
+                       "loc": {"type": "number", "default": -1}, "num_lines": {"type": "number", "default": -1},
+                       "view_source": {"type": "boolean", "default": False}, "source": {"type": "string"}}}),
+    FunctionTool("find", "Finds exact matches of `pattern` in the current page, or the page given by `cursor`.", {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "cursor": {"type": "number", "default": -1}},
+        "required": ["pattern"]}),
+)
+
+PYTHON_DRIVE = "/mnt/data"
+PYTHON_INTERNET = "UNKNOWN. Depends on the cluster"
+
+
+def python_description(timeout_s: float = 120.0, drive: str = PYTHON_DRIVE, internet: str = PYTHON_INTERNET) -> str:
+    """openai-harmony's python tool text; its defaults give that text exactly. The chat fills in
+    what is true here (its time limit, its folder, whether the network is cut), since the model
+    acts on these words."""
+    return ("Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
+            "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
+            "user (e.g. when creating plots, tables, or files).\n\n"
+            "When you send a message containing Python code to python, it will be executed in a stateful Jupyter "
+            f"notebook environment. python will respond with the output of the execution or time out after "
+            f"{float(timeout_s):.1f} seconds. The drive at '{drive}' can be used to save and persist user files. "
+            f"Internet access for this session is {internet}.")
+
+
+def browser_namespace() -> ToolNamespace:
+    return ToolNamespace("browser", BROWSER_DESCRIPTION, BROWSER_FUNCTIONS)
+
+
+def python_namespace(**kw) -> ToolNamespace:
+    return ToolNamespace("python", python_description(**kw))
+
+
+def namespace_section(ns: ToolNamespace) -> str:
+    """One ``## NAME`` section, as openai-harmony's ``template_tools_section`` writes it: a namespace
+    without functions is its description; one with functions is a ``namespace NAME { ... }``."""
+    lines = [f"## {ns.name}\n"]
+    if not ns.tools:
+        return "\n".join(lines + [ns.description or ""])
+    lines += [f"// {line}" for line in _lines(ns.description or "")]
+    lines.append(f"namespace {ns.name} {{\n")
+    for tool in ns.tools:
+        lines += [f"// {line}" for line in _lines(tool.description)]
+        if tool.parameters is not None:
+            lines.append(f"type {tool.name} = (_: {schema_to_typescript(tool.parameters)}) => any;\n")
+        else:
+            lines.append(f"type {tool.name} = () => any;\n")
+    lines.append(f"}} // namespace {ns.name}")
+    return "\n".join(lines)
+
+
+def builtin_tools_section(namespaces) -> str:
+    return "# Tools\n\n" + "\n\n".join(namespace_section(ns) for ns in namespaces)

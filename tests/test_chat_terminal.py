@@ -10,6 +10,7 @@ without tmux.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -117,3 +118,81 @@ def test_the_chat_does_not_repeat_lines_of_a_noisy_answer(tmux, tmp_path):
     reply = screen.split("hello there")[-1].split("ttft")[0]
     lines = Counter(line for line in reply.splitlines() if len(line.strip()) >= 20)
     assert lines and max(lines.values()) == 1, [f"{n}x {line[:60]}" for line, n in lines.most_common(3)]
+
+
+# A chat whose "model" is scripted (tests/scripted_engine.py): it calls python, then answers.
+TOOL_DRIVER = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from scripted_engine import ScriptedEngine
+from gptoss_cli.chat import Repl
+from gptoss_cli.chat_session import ChatSession, Settings
+from gptoss_cli.chat_tools import ToolBox
+from gptoss_cli.harmony import Conversation
+from gptoss_cli.tokenizer import load_encoding
+
+import json
+replies = json.load(open(sys.argv[3], encoding="utf-8"))
+box = ToolBox({"python"})
+session = ChatSession(ScriptedEngine(load_encoding(sys.argv[1]), replies, delay_s=0.005), Conversation(),
+                      Settings(), tools=box)
+try:
+    Repl(session, "scripted-model").loop()
+finally:
+    box.close()
+print("CHAT OVER")
+"""
+
+
+FACTORIAL = [
+    "<|channel|>analysis<|message|>I will compute it.<|end|>"
+    "<|start|>assistant to=python<|channel|>analysis code<|message|>import math\nprint(math.factorial(20))<|call|>",
+    "<|channel|>analysis<|message|>The tool says 2432902008176640000.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>20! is **2432902008176640000**, computed in python.<|return|>",
+]
+
+
+def _tool_chat(tmux, tmp_path, o200k_dir, replies):
+    pytest.importorskip("jupyter_client")
+    (tmp_path / "driver.py").write_text(TOOL_DRIVER)
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    cmd = [sys.executable, str(tmp_path / "driver.py"), str(o200k_dir), os.path.dirname(__file__),
+           str(tmp_path / "replies.json")]
+    tmux.type(f"export GPTOSS_HOME={tmp_path / 'home'}; clear; " + _shell(cmd))
+    tmux.wait_for(">>>", timeout=120)
+
+
+def test_a_python_call_is_shown_consented_run_fed_back_and_the_answer_continues(tmux, tmp_path, o200k_dir):
+    _tool_chat(tmux, tmp_path, o200k_dir, FACTORIAL)
+    tmux.type("what is 20 factorial?")
+    screen = tmux.wait_for("[a]lways for this session")
+    asked = screen.split("what is 20 factorial?")[-1]
+    assert "→ python: 2 lines of code" in asked and "print(math.factorial(20))" in asked
+    assert "python: isolated" in asked or "python: NOT isolated" in asked     # the isolation, said plainly
+    assert "2432902008176640000" not in asked                               # not run before consent
+    tmux.type("y")
+    screen = tmux.wait_for("ttft")
+    assert "[a]lways for this session: y" in screen                          # the question stays on screen
+    after = screen.split("[a]lways for this session")[-1]
+    assert "← python" in after and "2432902008176640000" in after.split("← python")[1]
+    assert "20! is 2432902008176640000, computed in python." in after     # the model went on
+    tmux.type("/exit")
+    tmux.wait_for("CHAT OVER")
+
+
+def test_ctrl_c_stops_a_running_python_call_and_the_chat_goes_on(tmux, tmp_path, o200k_dir):
+    sleepy = ("<|channel|>analysis<|message|>Wait.<|end|><|start|>assistant to=python<|channel|>analysis code"
+              "<|message|>import time\nprint('started', flush=True)\ntime.sleep(60)<|call|>")
+    _tool_chat(tmux, tmp_path, o200k_dir, [sleepy] + FACTORIAL)
+    tmux.type("sleep please")
+    tmux.wait_for("[a]lways for this session")
+    tmux.type("a")
+    time.sleep(2)                                      # the kernel starts and the call sleeps
+    subprocess.run(tmux.base + ["send-keys", "-t", "t", "C-c"], check=True)
+    screen = tmux.wait_for("ttft", timeout=30)
+    assert "interrupted by the user (Ctrl-C)" in screen and "the partial answer is kept" in screen
+    tmux.type("what is 20 factorial?")                 # the conversation goes on; "always" holds
+    screen = tmux.wait_for("computed in python.", timeout=60)
+    assert screen.count("[a]lways for this session") == 1
+    tmux.type("/exit")
+    tmux.wait_for("CHAT OVER")
