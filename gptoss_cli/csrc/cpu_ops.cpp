@@ -869,8 +869,13 @@ void attend_all(const AttnCall& a, int n_threads) {
         w.q.resize(size_t(G * a.dh));
         w.p.resize(size_t(G * a.S));
         w.o.resize(size_t(G * a.dh));
-        for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i)
-            attend_item<X>(a, i / (a.K * a.T), i / a.T % a.K, i % a.T, w);   // i = (b K + kh) T + t
+        for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i) {
+            if (a.rows)   // i = t K + kh: a token's kv heads one after another, so the lines of its
+                          // cache rows that one head's item brings in (prefetch) serve the next
+                attend_item<X>(a, 0, i % a.K, i / a.K, w);
+            else
+                attend_item<X>(a, i / (a.K * a.T), i / a.T % a.K, i % a.T, w);   // i = (b K + kh) T + t
+        }
     }, items);
 }
 
