@@ -29,8 +29,13 @@ that another process keeps off its core does not hold the phase up (issue 26).
 ``linear``: PyTorch's bf16 matmul on CPU reads its weight at a fraction of the memory bandwidth
 when only a few rows come in (measured 1.5-3.7 GB/s against 8.7 for float32 on this machine), so
 a decode step in bf16 (attention, unembedding) goes to the library instead, which widens each
-weight row to float32 in registers and splits the rows over the threads. Above
-``LINEAR_MAX_ROWS`` rows (prefill) PyTorch's matmul is faster and runs.
+weight row to float32 in registers and splits the rows over the threads (with AVX512-BF16, one
+``vdpbf16ps`` per 32 products for every number of rows). Above ``LINEAR_MAX_ROWS`` rows (prefill,
+and a batched decode step of more than 16 sequences) PyTorch's matmul is faster and runs:
+measured for continuous batching at gpt-oss-20b widths (qkv 5120x2880, out 2880x4096, bf16, 2
+threads of a shared EPYC, best of 12), the library ties PyTorch near 8 rows and loses from 16 on
+(at 32 rows: 7.0 against 3.8 ms). The norms' single-threaded loops likewise lose to PyTorch from
+about 12-16 rows (at 32: rmsnorm 95 against 46 us), so ``SMALL_MAX_ROWS`` stays 16 too.
 
 ``attention``: at a decode step the reference ``ops.attention`` costs about 1 ms per layer on
 gpt-oss-20b shapes, nearly all of it PyTorch's per-op overhead on tiny tensors (einsums, masks,

@@ -642,10 +642,9 @@ int gptoss_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
                     xbs[t] = x + (t0 + t) * K;
                 }
 #if defined(__AVX512BF16__)
-                if (native_bf16 && T <= 2)
+                if (native_bf16)   // one vdpbf16ps per 32 products, any number of tokens
                     up_to<NR>(R, [&](auto r) {
-                        if (T == 1) bf16_dots<1, r()>(xbs, w + row * K, K, acc);
-                        else bf16_dots<2, r()>(xbs, w + row * K, K, acc);
+                        up_to<NT>(T, [&](auto t) { bf16_dots<t(), r()>(xbs, w + row * K, K, acc); });
                     });
                 else
 #endif
