@@ -29,8 +29,10 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"] for r in rows}
     assert names >= {"_rmsnorm_kernel", "_rope_store_kernel", "_attn_fwd", "_route_kernel", "_add_rmsnorm_route_kernel",
-                     "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"}
-    assert {r["dtype"] for r in rows if r["kernel"] == "_attn_fwd"} == {"bf16", "fp16", "fp32"}
+                     "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum",
+                     "_attn_rows_fwd", "_rope_store_rows_kernel"}
+    for kernel in ("_attn_fwd", "_attn_rows_fwd"):
+        assert {r["dtype"] for r in rows if r["kernel"] == kernel} == {"bf16", "fp16", "fp32"}
 
 
 def test_decode_gemvs_within_their_instruction_budget(tmp_path):
