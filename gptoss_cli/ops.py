@@ -392,7 +392,8 @@ def add_rmsnorm_route(
     return x, h, route.reference(h.reshape(-1, h.shape[-1]), router_w, router_b, top_k)
 
 
-@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"),
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_bgemv1", "_moe_bgemv2", "_moe_gemm1",
+                    "_moe_gemm2", "_moe_sum"),
             cpu="cpu_ops")
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
