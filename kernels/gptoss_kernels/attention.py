@@ -28,6 +28,13 @@ and each program sizes its chunk to the live keys 0 .. last query position, on t
 CUDA-graph decode step attends over the whole preallocated buffer, and at 2k of a 128k context
 its programs still share 2k keys, not 128k. K and V of a block are loaded together. Prefill uses
 a single split and normalises in place.
+
+Continuous batching (``attention_rows``, ``_attn_rows_fwd``): N sequences, one query token each,
+each in its own row of a pooled cache [B, S, K, dh] at its own position. The row and position of
+each token are read on the device; one program per (token, kv head, key split), the splits fixed
+from shapes. A full cache's programs split only their own token's live slots (its window, or
+0 .. pos), so a token at position 5 beside one at 2000 reads 6 slots; a ring's table [B, S] is
+read per slot. Partials merge as above (a counter per token and kv head).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ The expert MLP of gpt-oss: ``h = W1 x + b1`` (rows interleaved: even = gate, odd
 - decode, a handful of tokens (``moe_decode.py``): ``_moe_gemv1`` (W1 with the SwiGLU epilogue)
   and ``_moe_gemv2`` (W2, the last of a token's k pairs summing them in slot order) read only
   the chosen experts, ~360 programs each; bf16 runs on the tensor cores within an instruction
-  budget (that module's docstring), fp32 and fp16 on the CUDA cores;
+  budget (that module's docstring), fp32 and fp16 on the CUDA cores; a batched decode step of
+  5-32 bf16 tokens (``moe_batch.py``): the same GEMV loop with the expert's tokens as the MMA's
+  columns, one program per (row block, expert in use), so each expert is read once;
 - prefill, many tokens (tiled grouped GEMM, cf. MegaBlocks arXiv:2211.15841 and triton_kernels'
   ``matmul_ogs``): the (token, expert) pairs are sorted by expert and cut into tiles of
   ``BLOCK_M`` rows of one expert (a tile table built on the device, no host sync). ``_moe_gemm1``

@@ -11,6 +11,10 @@ through memory before it reaches the cache. For a ring cache at decode the kerne
 the slot (position mod window) and records the position in the ring's table, so the decode step
 spends no launches on ring bookkeeping. The qkv projection's bias is added here too, as q, k, v are
 loaded, so the projection itself is one bias-free cuBLAS launch at decode.
+
+``rope_store_rows`` (continuous batching): one token for each of N sequences, token n's k and v
+going to row ``rows[n]`` of a pooled cache at slot ``pos[n]`` (a ring: ``pos[n] mod S``, and the
+row's table records it), rows and positions read on the device so one launch serves any batch.
 """
 
 from __future__ import annotations
