@@ -1,5 +1,6 @@
 """Native CPU ops (the MXFP4 MoE, the few-row bf16 linear, decode attention, and a decode step's
-RoPE + cache store, residual add + RMSNorm + router): a small C++ library, built at first use.
+RoPE + cache store, residual add + RMSNorm + router, for one sequence or a batch of them): a small
+C++ library, built at first use.
 
 Why: the reference ``ops.moe`` dequantizes each chosen expert whole into a float tensor before
 its matmul, so one decode step writes and rereads about eight times the bytes the packed experts
@@ -28,8 +29,13 @@ that another process keeps off its core does not hold the phase up (issue 26).
 ``linear``: PyTorch's bf16 matmul on CPU reads its weight at a fraction of the memory bandwidth
 when only a few rows come in (measured 1.5-3.7 GB/s against 8.7 for float32 on this machine), so
 a decode step in bf16 (attention, unembedding) goes to the library instead, which widens each
-weight row to float32 in registers and splits the rows over the threads. Above
-``LINEAR_MAX_ROWS`` rows (prefill) PyTorch's matmul is faster and runs.
+weight row to float32 in registers and splits the rows over the threads (with AVX512-BF16, one
+``vdpbf16ps`` per 32 products for every number of rows). Above ``LINEAR_MAX_ROWS`` rows (prefill,
+and a batched decode step of more than 16 sequences) PyTorch's matmul is faster and runs:
+measured for continuous batching at gpt-oss-20b widths (qkv 5120x2880, out 2880x4096, bf16, 2
+threads of a shared EPYC, best of 12), the library ties PyTorch near 8 rows and loses from 16 on
+(at 32 rows: 7.0 against 3.8 ms). The norms' single-threaded loops likewise lose to PyTorch from
+about 12-16 rows (at 32: rmsnorm 95 against 46 us), so ``SMALL_MAX_ROWS`` stays 16 too.
 
 ``attention``: at a decode step the reference ``ops.attention`` costs about 1 ms per layer on
 gpt-oss-20b shapes, nearly all of it PyTorch's per-op overhead on tiny tensors (einsums, masks,
@@ -46,6 +52,12 @@ shapes, ~20 ms of a 24-layer step), all per-op overhead. For at most ``SMALL_MAX
 the library does each in one call, one thread, with the reference's roundings (a bias added in
 the activation dtype, the router logits rounded to it as ``F.linear`` does) and torch.topk's own
 selection algorithm, so the same experts are chosen, ties included. Prefill runs the references.
+
+``attention_rows``, ``rope_store_rows``: the batched decode step (continuous batching) of up to
+``ROWS_MAX_TOKENS`` sequences, one token each, each in its own row of a pooled cache at its own
+position. The same code as ``attention`` (a work item is one token and the heads sharing a kv
+head, here reading its own row's keys; split over the worker threads) and as ``rope_store`` (one
+thread, the reference's roundings: q, the cache writes and a ring's table agree to the bit).
 
 Routing of ``moe`` alone is the reference's own (``ops.route.reference``), so the same experts
 are chosen. Computed in float32 whatever the activation dtype; the result is cast back to it.
@@ -75,10 +87,12 @@ SOURCES = ("cpu_ops.cpp", "small_ops.cpp", "bf16.h")   # the .cpp compiled toget
 LINEAR_MAX_ROWS = 16
 ATTN_MAX_ROWS = 16        # query tokens per native attention call; prefill runs the reference
 SMALL_MAX_ROWS = 16       # tokens (rows) per native rope_store / norm call; prefill runs the reference
+ROWS_MAX_TOKENS = 64      # sequences per native attention_rows / rope_store_rows call (a batched decode step)
 MOE_MAX_TOKENS = 256      # tokens per library call: Ctrl-C is seen between calls (~1 s at 20b)
 # the most rows each op runs natively (more: its reference runs; the MoE takes any number)
 MAX_ROWS = {"linear": LINEAR_MAX_ROWS, "attention": ATTN_MAX_ROWS, "rope_store": SMALL_MAX_ROWS,
-            "rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm_route": SMALL_MAX_ROWS}
+            "rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm": SMALL_MAX_ROWS, "add_rmsnorm_route": SMALL_MAX_ROWS,
+            "attention_rows": ROWS_MAX_TOKENS, "rope_store_rows": ROWS_MAX_TOKENS}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -185,6 +199,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_attention.restype = i32
     lib.gptoss_rope_store.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32]
     lib.gptoss_rope_store.restype = i32
+    lib.gptoss_attention_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, f32, p, i32, i32]
+    lib.gptoss_attention_rows.restype = i32
+    lib.gptoss_rope_store_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p,
+                                           i32]
+    lib.gptoss_rope_store_rows.restype = i32
     lib.gptoss_add_rmsnorm.argtypes = [p, p, p, i64, i64, p, f32, p, p, p, p, i64, i64, p, p, i32]
     lib.gptoss_add_rmsnorm.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
@@ -346,6 +365,78 @@ def rope_store(
     if rc != 0:
         raise ValueError(f"cpu_ops.rope_store: bad input (code {rc}): q {tuple(q.shape)}, cache "
                          f"{tuple(k_cache.shape)}, positions {pos.tolist()} of {c.shape[0]}")
+    return out
+
+
+def attention_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    rows: torch.Tensor, pos: torch.Tensor, k_pos: torch.Tensor | None, window: int, scale: float,
+) -> torch.Tensor:
+    """``ops.attention_rows`` on CPU tensors: the library for up to ``ROWS_MAX_TOKENS`` tokens in
+    float32 or bf16 (same result up to float32 rounding), else the reference. Each (token, kv
+    head) is one work item over the threads; q may be a strided view, the caches are read in place."""
+    from . import ops
+
+    N, H, dh = q.shape
+    B, S, K = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    lib = None
+    if (N <= ROWS_MAX_TOKENS and q.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.dtype == v_cache.dtype == q.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1):
+        lib, _ = _library()
+    if lib is None:
+        return ops.attention_rows.reference(q, k_cache, v_cache, sinks, rows, pos, k_pos, window, scale)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    strides = (ctypes.c_int64 * 8)(*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3])
+    sk = sinks.float().contiguous()
+    r, p = rows.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+    kp = None if k_pos is None else k_pos.to(torch.int64).contiguous()
+    out = torch.empty(N, H, dh, dtype=q.dtype)                               # [N, H, dh]
+    rc = lib.gptoss_attention_rows(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), strides, N, H, B, S, K, dh,
+                                   sk.data_ptr(), r.data_ptr(), p.data_ptr(), _ptr(kp), int(window), float(scale),
+                                   out.data_ptr(), int(q.dtype == torch.bfloat16), cpu_threads())
+    if rc != 0:
+        raise ValueError(f"cpu_ops.attention_rows: bad input (code {rc}): q {tuple(q.shape)}, cache "
+                         f"{tuple(k_cache.shape)}, rows {rows.tolist()}, positions {pos.tolist()}")
+    return out
+
+
+def rope_store_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    rows: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    ring_pos: torch.Tensor | None = None, qkv_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ops.rope_store_rows`` on CPU tensors: the library for up to ``ROWS_MAX_TOKENS`` tokens in
+    float32 or bf16, in the reference's roundings (q, k, v strided views read in place; the
+    caches and the ring's table written in place), else the reference."""
+    from . import ops
+
+    N, H, dh = q.shape
+    K = k.shape[1]
+    B, S = k_cache.shape[0], k_cache.shape[1]
+    dtype = q.dtype
+    lib = None
+    if (N <= ROWS_MAX_TOKENS and dtype in (torch.float32, torch.bfloat16) and dh % 2 == 0
+            and all(t.dtype == dtype for t in (k, v, k_cache, v_cache))
+            and (qkv_bias is None or qkv_bias.dtype == dtype)
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and (ring_pos is None or (ring_pos.dtype == torch.int64 and ring_pos.is_contiguous()))):
+        lib, _ = _library()
+    if lib is None:
+        return ops.rope_store_rows.reference(q, k, v, cos, sin, rows, pos, k_cache, v_cache, ring_pos, qkv_bias)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    strides = (ctypes.c_int64 * 12)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                                    *k_cache.stride()[:3], *v_cache.stride()[:3])
+    c, s = cos.float().contiguous(), sin.float().contiguous()               # [P, dh/2]
+    r, p = rows.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+    bias = None if qkv_bias is None else qkv_bias.contiguous()
+    out = torch.empty(N, H, dh, dtype=dtype)                                 # [N, H, dh]
+    rc = lib.gptoss_rope_store_rows(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, N, H, K, dh, B, S,
+                                    c.shape[0], c.data_ptr(), s.data_ptr(), r.data_ptr(), p.data_ptr(),
+                                    _ptr(ring_pos), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(bias),
+                                    out.data_ptr(), int(dtype == torch.bfloat16))
+    if rc != 0:
+        raise ValueError(f"cpu_ops.rope_store_rows: bad input (code {rc}): q {tuple(q.shape)}, cache "
+                         f"{tuple(k_cache.shape)}, rows {rows.tolist()}, positions {pos.tolist()} of {c.shape[0]}")
     return out
 
 

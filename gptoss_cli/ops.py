@@ -11,8 +11,8 @@ Each op marked ``@_kernel_op`` runs its Triton kernel from ``gptoss_kernels`` in
   the tests run the whole engine that way).
 
 On CPU tensors in ``auto`` mode, an op given ``cpu=`` runs that native implementation instead
-(``moe``, ``linear``, ``attention`` and, for a decode step's few tokens, ``rope_store``,
-``rmsnorm``, ``add_rmsnorm`` and ``add_rmsnorm_route``: ``cpu_ops``, a small C++ library built at
+(``moe``, ``linear``, ``attention``, ``attention_rows`` and, for a decode step's few tokens,
+``rope_store``, ``rope_store_rows``, ``rmsnorm``, ``add_rmsnorm`` and ``add_rmsnorm_route``: ``cpu_ops``, a small C++ library built at
 first use; where it cannot be built the MoE warns once and all of them run the reference).
 
 ``op.reference`` is the plain-PyTorch body of every dispatched op (the kernels' ``*_torch``
@@ -392,7 +392,8 @@ def add_rmsnorm_route(
     return x, h, route.reference(h.reshape(-1, h.shape[-1]), router_w, router_b, top_k)
 
 
-@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_gemm1", "_moe_gemm2", "_moe_sum"),
+@_kernel_op("moe", ("_route_kernel", "_moe_gemv1", "_moe_gemv2", "_moe_bgemv1", "_moe_bgemv2", "_moe_gemm1",
+                    "_moe_gemm2", "_moe_sum"),
             cpu="cpu_ops")
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
@@ -424,6 +425,7 @@ def moe(
 # position; both are device tensors, so a CUDA graph replays the same launches whatever they hold.
 
 
+@_kernel_op("rope", ("_rope_store_rows_kernel",), cpu="cpu_ops")
 def rope_store_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rows: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -450,6 +452,7 @@ def rope_store_rows(
     return apply_rope(q.unsqueeze(0), c, s)[0]
 
 
+@_kernel_op("attention", ("_attn_rows_fwd",), cpu="cpu_ops")
 def attention_rows(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
     rows: torch.Tensor, pos: torch.Tensor, k_pos: torch.Tensor | None, window: int, scale: float,

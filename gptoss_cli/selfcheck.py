@@ -162,6 +162,7 @@ def cases(model, quick: bool = False, seed: int = 0) -> list[Case]:
     out += _rope_cases(model, inp, wb, fb, P, quick)
     out += _attention_cases(model, inp, wb, fb, P, quick)
     out += _moe_cases(model, inp, fb, P, quick)
+    out += _rows_cases(model, inp, wb, fb, quick)
 
     # the projections: native on CPU (bf16, a few rows)
     for T in ((1,) if quick else (1, 16)):
@@ -237,6 +238,71 @@ def _attention_cases(model, inp: _Inputs, wb, fb, P: int, quick: bool) -> list[C
         out.append(case(f"decode, window {W}, live 1", 1, arange(0, 1), empty, W, wb.sinks, False, 1))
         out.append(case(f"prefill {P} from 0, full", P, arange(P), arange(P), 0, fb.sinks, True, P))
         out.append(case(f"prefill {P} at 37, full", P, arange(37, 37 + P), arange(37 + P), 0, fb.sinks, True, 37 + P))
+    return out
+
+
+def _rows_cases(model, inp: _Inputs, wb, fb, quick: bool) -> list[Case]:
+    """The batched decode step's ops: N sequences, one token each, in rows 1.. of a pooled cache
+    (out of order) at their own positions; row 0 is the scratch row that padding tokens point at
+    (their inputs are equal, so whichever writes last writes the same)."""
+    cfg = model.cfg
+    H, K, dh, W, S = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.sliding_window, model.max_context
+    dev, scale = model.device, model.scale
+    S_full = min(S, 2048 + 64)                             # a full layer's slots: positions < S_full
+    far = S_full - 1
+
+    def batch(positions, n_pad):
+        """(rows, pos) [N] on the device: real tokens in rows len..1 (reversed), pads in row 0 at 0."""
+        n = len(positions)
+        rows = list(range(n, 0, -1)) + [0] * n_pad
+        return (torch.tensor(rows, device=dev), torch.tensor(list(positions) + [0] * n_pad, device=dev))
+
+    def tokens(N, n_pad, heads):
+        x = inp.randn(N - n_pad, heads, dh)
+        return torch.cat((x, x[:1].expand(n_pad, heads, dh))) if n_pad else x
+
+    def ring_table(rows, pos, B):
+        """[B, W]: what each slot of each row's ring holds after this step (slot s: the last
+        position p' <= pos with p' = s mod W; -1 before the first)."""
+        table = torch.full((B, W), -1, dtype=torch.long)
+        for r, p in zip(rows.tolist(), pos.tolist()):
+            held = torch.tensor([p - ((p - s) % W) for s in range(W)])
+            table[r] = torch.where(held >= 0, held, -1)
+        return table.to(dev)
+
+    def rope(label, positions, n_pad, ring, b):
+        rows, pos = batch(positions, n_pad)
+        N, B = rows.shape[0], len(positions) + 1
+        q, k, v = tokens(N, n_pad, H), tokens(N, n_pad, K), tokens(N, n_pad, K)
+        slots = W if ring else S_full
+        kc, vc = inp.randn(B, slots, K, dh), inp.randn(B, slots, K, dh)
+        table = ring_table(rows, pos - 1, B) if ring else None    # before this step's write
+        args = (q, k, v, model.cos, model.sin, rows, pos, kc, vc, table, b)
+        return Case("rope_store_rows", label, args, writes=(7, 8, 9) if ring else (7, 8),
+                    nbytes=3 * _nbytes(q) + 4 * _nbytes(k), rows=N)
+
+    def attend(label, positions, n_pad, window, sinks):
+        rows, pos = batch(positions, n_pad)
+        N, B = rows.shape[0], len(positions) + 1
+        q = tokens(N, n_pad, H)
+        slots = W if window else S_full
+        kc, vc = inp.randn(B, slots, K, dh), inp.randn(B, slots, K, dh)
+        table = ring_table(rows, pos, B) if window else None
+        live = sum(min(p + 1, W) if window else p + 1 for p in pos.tolist())
+        return Case("attention_rows", label, (q, kc, vc, sinks, rows, pos, table, window, scale),
+                    nbytes=2 * _nbytes(q) + 2 * live * K * dh * kc.element_size(), rows=N)
+
+    wrapped = 3 * W + 5
+    out = [rope(f"3 sequences, ring wrapped at {wrapped}", (wrapped, W + 1, 7), 0, True, wb.qkv_b),
+           attend(f"3 sequences, full, at {far}, 100, 0", (far, 100, 0), 0, 0, fb.sinks)]
+    if not quick:
+        out.append(rope(f"4 sequences, full, at {far}, 37, 0, 1000", (far, 37, 0, min(1000, far)), 0, False, fb.qkv_b))
+        out.append(rope("3 sequences + 2 padding, full", (5, far, 64), 2, False, fb.qkv_b))
+        out.append(rope("3 sequences + 2 padding, ring", (wrapped, 2, W), 2, True, wb.qkv_b))
+        out.append(attend(f"4 sequences, window {W}, ring wrapped or not", (wrapped, W - 1, 0, 2 * W), 0, W, wb.sinks))
+        out.append(attend("3 sequences + 2 padding, full", (far, 5, 64), 2, 0, fb.sinks))
+        out.append(attend(f"3 sequences + 2 padding, window {W}", (wrapped, 5, W), 2, W, wb.sinks))
+        out.append(attend(f"32 sequences, window {W}", tuple(range(W - 16, W + 16)), 0, W, wb.sinks))
     return out
 
 

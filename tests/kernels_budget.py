@@ -8,7 +8,8 @@ shapes (D = F = 2880, top-4) against ``kernels_compile_check``'s stand-in driver
 Triton it runs under, and prints one JSON line per kernel specialisation: the steady-state
 loop's instructions per weight value per thread, its loads by width, barriers per iteration,
 registers and spills (``ptxas -v``), programs per launch. bf16 (what a GPU decodes in) is held to
-the budget; fp32 and fp16 (the CUDA-core path) are reported. Exit status 1 when a bf16 GEMV is
+the budget, and so are the batched decode step's GEMVs (``moe_batch``, 8 and 32 tokens: 16 and 32
+token columns per weight tile); fp32 and fp16 (the CUDA-core path) are reported. Exit status 1 when a bf16 GEMV is
 over budget or spills.
 
 Run: ``python tests/kernels_budget.py`` (``test_kernels_compile.py`` does, with the installed
@@ -32,6 +33,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 BUDGET = 4.0                 # SASS instructions per weight value, bf16 (DESIGN.md 5)
 D = F = 2880                 # gpt-oss-20b and -120b alike
 TOP_K = 4
+BATCH_TOKENS = (8, 32)       # the batched decode MoE (moe_batch): 16 and 32 token columns
 
 
 def compile_gemvs(dtype: torch.dtype, n_experts: int = 32) -> None:
@@ -48,11 +50,24 @@ def compile_gemvs(dtype: torch.dtype, n_experts: int = 32) -> None:
     moe_decode.gemv_moe(x, weights, experts, codes(E, 2 * F, D // 32, 16), scales(E, 2 * F, D // 32),
                         torch.zeros(E, 2 * F, dtype=dtype), codes(E, D, F // 32, 16), scales(E, D, F // 32),
                         torch.zeros(E, D, dtype=dtype), TOP_K, 7.0, torch.empty(1, D, dtype=dtype))
+    if dtype != torch.bfloat16:
+        return
+    from gptoss_kernels import moe_batch
+
+    for N in BATCH_TOKENS:       # a batched decode step: 16 token columns, then 32
+        x = torch.randn(N, D, generator=g).to(dtype)
+        experts = torch.stack([torch.randperm(E, generator=g)[:TOP_K] for _ in range(N)])
+        moe_batch.batch_moe(x, torch.full((N, TOP_K), 0.25), experts, codes(E, 2 * F, D // 32, 16),
+                            scales(E, 2 * F, D // 32), torch.zeros(E, 2 * F, dtype=dtype), codes(E, D, F // 32, 16),
+                            scales(E, D, F // 32), torch.zeros(E, D, dtype=dtype), TOP_K, 7.0,
+                            torch.empty(N, D, dtype=dtype))
 
 
-def _programs(name: str, consts: dict) -> int:
-    rows = 2 * F if name == "_moe_gemv1" else D
+def _programs(name: str, consts: dict, n_experts: int = 32) -> int:
+    rows = 2 * F if name in ("_moe_gemv1", "_moe_bgemv1") else D
     block, splits = consts["BLOCK_R"], consts["SPLITS"]
+    if name.startswith("_moe_bgemv"):      # a grid row per expert that may be in use
+        return triton.cdiv(rows, block) * min(n_experts, consts["BLOCK_T"] * TOP_K) * splits
     return triton.cdiv(rows, block) * TOP_K * splits
 
 
@@ -66,10 +81,12 @@ def main(argv: list[str]) -> int:
         names = list(kern.src.signature)
         consts = {names[k[0]] if isinstance(k, tuple) else k: v for k, v in kern.src.constants.items()}
         consts = {k: v for k, v in consts.items() if isinstance(k, str) and k.isupper()}
-        dtype = str(consts["X_DTYPE"]).removeprefix("triton.language.")
+        consts.setdefault("DOT", True)                    # the batched GEMVs: bf16 only
+        dtype = str(consts.get("X_DTYPE", "bf16")).removeprefix("triton.language.")
         row = {"kernel": kern.name, "triton": triton.__version__, "arch": "sm_90a", "dtype": dtype,
                "path": "tensor-core" if consts["DOT"] else "cuda-core", "block_rows": consts["BLOCK_R"],
                "k_splits": consts["SPLITS"], "programs": _programs(kern.name, consts),
+               "token_columns": consts.get("BLOCK_T", 16),
                "num_warps": kern.metadata.num_warps, "num_stages": kern.metadata.num_stages,
                "shared_bytes": kern.metadata.shared}
         row |= _ptxas(kern, 90)

@@ -164,6 +164,18 @@ def exercise(dtype: torch.dtype, n_experts: int = 32) -> None:
         sinks = rnd(H, dt=torch.float32)
         for S, window in ((ctx, 0), (W + T, W), (W, W)):
             attention.attention(q, cache[:, :S], cache[:, :S], sinks, pos, torch.arange(S), window, dh ** -0.5)
+        for N in (4, 32) if T == 1 else ():             # the batched decode step: N sequences in a pool
+            B = N + 1
+            qkv = rnd(N, (H + 2 * K) * dh)
+            qn, kn, vn = qkv.split((H * dh, K * dh, K * dh), dim=-1)
+            qn, kn, vn = qn.view(N, H, dh), kn.view(N, K, dh), vn.view(N, K, dh)
+            rows, at = torch.randperm(N) + 1, torch.randint(0, 2048, (N,))
+            pool, ring = rnd(B, 2048, K, dh), rnd(B, W, K, dh)
+            ring_pos = torch.full((B, W), -1)
+            rope.rope_store_rows(qn, kn, vn, cos, sin, rows, at, pool, pool.clone(), None, rnd((H + 2 * K) * dh))
+            rope.rope_store_rows(qn, kn, vn, cos, sin, rows, at, ring, ring.clone(), ring_pos, rnd((H + 2 * K) * dh))
+            attention.attention_rows(qn, pool, pool, sinks, rows, at, None, 0, dh ** -0.5)
+            attention.attention_rows(qn, ring, ring, sinks, rows, at, ring_pos, W, dh ** -0.5)
         route = moe.route
 
         def route_then_valid(x, *args):   # nothing ran: give the expert kernels valid indices

@@ -67,3 +67,44 @@ def moe_weights(E: int, D: int, F: int, dtype, device, seed: int):
         "w2_bias": torch.randn(E, D, generator=g),
     }
     return {k: v.to(device, dtype if v.dtype == torch.float32 else v.dtype) for k, v in w.items()}
+
+
+def rows_case(layout: str, N: int, n_pad: int, H: int, K: int, dh: int, window: int, dtype, device, seed: int,
+              S: int = 40, ring: int = 16):
+    """Inputs of ``ops.attention_rows`` / ``ops.rope_store_rows`` as a batched decode step has
+    them: N tokens, the first N - n_pad real sequences in cache rows out of order (a permutation
+    of 1 .. N - n_pad), the last n_pad padding tokens that all point at scratch row 0, position 0.
+
+    ``full``: a cache of S slots, each real sequence at its own position (one at 0, one at S-1);
+    ``ring``: ``ring`` slots, positions past the ring's length (wrapped) and one not yet full;
+    k_pos [B, ring] the table as it is after this step's write (slot pos mod ring holds pos).
+    Returns a dict: q, k, v (views of one qkv projection), k_cache, v_cache, rows, pos, k_pos
+    (None for full), sinks, window, scale, n_real."""
+    g = torch.Generator().manual_seed(seed)
+    n_real = N - n_pad
+    B = n_real + 1
+    rows = torch.cat((torch.randperm(n_real, generator=g) + 1, torch.zeros(n_pad, dtype=torch.long)))
+    slots = S if layout == "full" else ring
+    if layout == "full":
+        pos = torch.randint(0, S, (n_real,), generator=g)
+        pos[0] = S - 1
+        if n_real > 1:
+            pos[1] = 0
+    else:
+        pos = torch.randint(ring, 5 * ring, (n_real,), generator=g)
+        if n_real > 1:
+            pos[1] = ring // 2 - 1                       # not yet wrapped: some slots empty
+    pos = torch.cat((pos, torch.zeros(n_pad, dtype=torch.long)))
+    k_pos = None
+    if layout == "ring":
+        k_pos = torch.full((B, ring), -1, dtype=torch.long)
+        for n in range(N):
+            held = torch.arange(max(0, int(pos[n]) - ring + 1), int(pos[n]) + 1)
+            k_pos[rows[n], held % ring] = held
+    qkv = torch.randn(N, (H + 2 * K) * dh, generator=g).to(dtype)
+    q, k, v = qkv.split((H * dh, K * dh, K * dh), dim=-1)
+    k_cache, v_cache = (torch.randn(B, slots, K, dh, generator=g).to(dtype) for _ in range(2))
+    out = {"q": q.view(N, H, dh), "k": k.view(N, K, dh), "v": v.view(N, K, dh),
+           "k_cache": k_cache, "v_cache": v_cache, "rows": rows, "pos": pos, "k_pos": k_pos,
+           "sinks": torch.randn(H, generator=g) * 2, "window": window, "scale": dh ** -0.5, "n_real": n_real}
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in out.items()}

@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from kernels_util import moe_weights, poison_allocations, rel_err  # noqa: F401
+from kernels_util import moe_weights, poison_allocations, rel_err, rows_case  # noqa: F401
 
 from gptoss_cli import cpu_ops, ops
 from gptoss_cli.errors import GptossError
@@ -453,6 +453,113 @@ def test_ops_small_ops_dispatch_cpu_tensors_to_native(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(run_all(), refs)) and len(calls) == 5
 
 
+# ---- the batched decode step: attention_rows, rope_store_rows -------------------------------------
+def _attn_rows_args(c):
+    return (c["q"], c["k_cache"], c["v_cache"], c["sinks"], c["rows"], c["pos"], c["k_pos"], c["window"], c["scale"])
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout,window", [("full", 0), ("full", 8), ("ring", 16), ("ring", 8)])
+@pytest.mark.parametrize("N,n_pad", [(1, 0), (3, 0), (8, 3), (64, 5)])
+@pytest.mark.parametrize("H,K,dh,threads", [(8, 2, 64, 1), (8, 2, 64, 3), (4, 4, 24, 2)])
+def test_native_attention_rows_matches_reference(monkeypatch, dtype, layout, window, N, n_pad, H, K, dh, threads):
+    """Tokens of N sequences in their own cache rows (out of order, padding tokens on a scratch
+    row), each at its own position: full caches with stale slots past it, rings wrapped or not."""
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, str(threads))
+    c = rows_case(layout, N, n_pad, H, K, dh, window, dtype, "cpu", seed=N + n_pad + window + dh + threads)
+    args = _attn_rows_args(c)
+    assert args[0].untyped_storage().nbytes() > args[0].numel() * args[0].element_size()   # a view of qkv
+    ref_o = ops.attention_rows.reference(*args)
+    cpu_o = cpu_ops.attention_rows(*args)
+    assert cpu_o.shape == (N, H, dh) and cpu_o.dtype == dtype
+    assert rel_err(cpu_o, ref_o) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+def test_native_attention_rows_split_over_threads(monkeypatch, dtype, layout):
+    """Enough keys that the threads start: 6 tokens x 2 kv heads over 3 threads, 1000+ keys."""
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "3")
+    c = rows_case(layout, 6, 1, 8, 2, 64, 0, dtype, "cpu", seed=11, S=1200, ring=1024)
+    args = _attn_rows_args(c)
+    assert rel_err(cpu_ops.attention_rows(*args), ops.attention_rows.reference(*args)) < \
+        (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _rope_rows_args(layout, N, n_pad, H, K, dh, dtype, bias, seed):
+    c = rows_case(layout, N, n_pad, H, K, dh, 0, dtype, "cpu", seed=seed, S=48, ring=16)
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = ops.rope_table(200, dh, 150000.0, 32.0, 4096, 32.0, 1.0, 1.0 + 0.1 * 3.4657)
+    table = torch.full(c["k_cache"].shape[:2], -1, dtype=torch.long) if layout == "ring" else None
+    qkv_bias = torch.randn((H + 2 * K) * dh, generator=g).to(dtype) if bias else None
+    return (c["q"], c["k"], c["v"], cos, sin, c["rows"], c["pos"], c["k_cache"], c["v_cache"], table, qkv_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["full", "ring"])
+@pytest.mark.parametrize("N,n_pad", [(1, 0), (3, 0), (8, 3), (64, 2)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("H,K,dh", [(8, 2, 64), (4, 4, 16)])
+def test_native_rope_store_rows_matches_reference(dtype, layout, N, n_pad, bias, H, K, dh):
+    """Same roundings as the reference: q, the cache writes and the ring's table to the bit; the
+    slots not written left alone. Row 0 is the padding tokens' scratch row (last writer wins)."""
+    args = _rope_rows_args(layout, N, n_pad, H, K, dh, dtype, bias, seed=N * 3 + n_pad + dh + bias)
+    ref_args, cpu_args = _clone_state(args), _clone_state(args)
+    ref_q = ops.rope_store_rows.reference(*ref_args)
+    cpu_q = cpu_ops.rope_store_rows(*cpu_args)
+    n_real = N - n_pad
+    assert cpu_q.shape == (N, H, dh) and cpu_q.dtype == dtype and cpu_q.is_contiguous()
+    assert torch.equal(cpu_q[:n_real], ref_q[:n_real])
+    for i in (7, 8, 9) if layout == "ring" else (7, 8):                     # k_cache, v_cache, ring table
+        assert torch.equal(cpu_args[i][1:], ref_args[i][1:])
+    assert torch.equal(cpu_args[7][1:] != args[7][1:], ref_args[7][1:] != args[7][1:])
+
+
+def test_native_rows_ops_leave_big_batches_and_fp16_to_the_reference(monkeypatch):
+    """More than ROWS_MAX_TOKENS tokens, or fp16: the references' own results, no library call."""
+    calls = []
+    lib = cpu_ops._library()[0]
+    monkeypatch.setattr(lib, "gptoss_attention_rows", lambda *a: calls.append(1))
+    monkeypatch.setattr(lib, "gptoss_rope_store_rows", lambda *a: calls.append(1))
+    for N, dtype in ((cpu_ops.ROWS_MAX_TOKENS + 1, torch.float32), (2, torch.float16)):
+        c = rows_case("ring", N, 0, 4, 2, 16, 0, dtype, "cpu", seed=N, S=16)
+        args = _attn_rows_args(c)
+        assert torch.equal(cpu_ops.attention_rows(*args), ops.attention_rows.reference(*args))
+        rope = _rope_rows_args("full", N, 0, 4, 2, 16, dtype, True, seed=N)
+        ref_args, cpu_args = _clone_state(rope), _clone_state(rope)
+        assert torch.equal(cpu_ops.rope_store_rows(*cpu_args), ops.rope_store_rows.reference(*ref_args))
+    assert calls == []
+
+
+def test_native_rope_store_rows_rejects_bad_rows_and_positions():
+    args = _rope_rows_args("full", 3, 0, 4, 2, 16, torch.float32, False, seed=1)
+    for i, bad in ((6, torch.tensor([0, 1, 48])), (5, torch.tensor([0, 1, 9]))):   # pos past the cache; row
+        wrong = list(_clone_state(args))
+        wrong[i] = bad
+        with pytest.raises(ValueError, match="rope_store_rows"):
+            cpu_ops.rope_store_rows(*wrong)
+
+
+def test_ops_rows_ops_dispatch_cpu_tensors_to_native(monkeypatch):
+    """auto: ``ops.attention_rows`` and ``ops.rope_store_rows`` on CPU run the library;
+    GPTOSS_KERNELS=0: the references."""
+    lib = cpu_ops._library()[0]
+    calls = []
+    for name in ("gptoss_attention_rows", "gptoss_rope_store_rows"):
+        real = getattr(lib, name)
+        monkeypatch.setattr(lib, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    c = rows_case("ring", 3, 1, 8, 2, 64, 16, torch.float32, "cpu", seed=5)
+    rope = _rope_rows_args("ring", 3, 1, 8, 2, 64, torch.float32, True, seed=5)
+    ops.attention_rows(*_attn_rows_args(c))
+    ops.rope_store_rows(*_clone_state(rope))
+    assert calls == ["gptoss_attention_rows", "gptoss_rope_store_rows"]
+    monkeypatch.setenv(ops.KERNELS_ENV, "0")
+    ops.attention_rows(*_attn_rows_args(c))
+    ops.rope_store_rows(*_clone_state(rope))
+    assert len(calls) == 2
+
+
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="elsewhere the native build is the portable one")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_portable_build_without_avx512_matches_reference(monkeypatch, tmp_path, dtype):
@@ -474,6 +581,14 @@ def test_portable_build_without_avx512_matches_reference(monkeypatch, tmp_path, 
         rope = _rope_args("ring", 1, 3, 8, 2, 64, dtype, True, seed=5)
         ref_args, cpu_args = _clone_state(rope), _clone_state(rope)
         assert rel_err(cpu_ops.rope_store(*cpu_args), ops.rope_store.reference(*ref_args)) < tol
+        rows = _attn_rows_args(rows_case("ring", 4, 1, 8, 2, 64, 8, dtype, "cpu", seed=7))
+        assert rel_err(cpu_ops.attention_rows(*rows), ops.attention_rows.reference(*rows)) < tol
+        rows = _attn_rows_args(rows_case("full", 4, 1, 8, 2, 64, 0, dtype, "cpu", seed=8))
+        assert rel_err(cpu_ops.attention_rows(*rows), ops.attention_rows.reference(*rows)) < tol
+        rope = _rope_rows_args("ring", 4, 1, 8, 2, 64, dtype, True, seed=9)
+        ref_args, cpu_args = _clone_state(rope), _clone_state(rope)
+        assert torch.equal(cpu_ops.rope_store_rows(*cpu_args)[:3], ops.rope_store_rows.reference(*ref_args)[:3])
+        assert torch.equal(cpu_args[7][1:], ref_args[7][1:]) and torch.equal(cpu_args[9], ref_args[9])
         norm = _norm_args(1, 3, 96, 8, 2, dtype, True, seed=6)
         ref_x, ref_h, (ref_w, ref_e) = ops.add_rmsnorm_route.reference(*norm)
         cpu_x, cpu_h, (cpu_w, cpu_e) = cpu_ops.add_rmsnorm_route(*norm)

@@ -26,7 +26,8 @@ from gptoss_cli.engine import Engine
 
 TINY = PRESETS["tiny"]
 PROMPT = [(7919 * i + 13) % 200000 for i in range(21)]
-NATIVE = ("moe", "attention", "rope_store", "rmsnorm", "add_rmsnorm", "add_rmsnorm_route", "linear")
+NATIVE = ("moe", "attention", "rope_store", "rmsnorm", "add_rmsnorm", "add_rmsnorm_route", "linear",
+          "attention_rows", "rope_store_rows")
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +88,8 @@ def test_doctor_on_the_triton_kernels_under_the_interpreter(monkeypatch):
     assert not bad, bad
     assert {r.op for r in results} == set(ops.KERNEL_TABLE)
     labels = " | ".join(r.label for r in results)
-    for edge in ("1 token", "ring wrapped", "live 1", "128 experts", "NaN router logit", "window 16"):
+    for edge in ("1 token", "ring wrapped", "live 1", "128 experts", "NaN router logit", "window 16",
+                 "3 sequences + 2 padding, full", "3 sequences + 2 padding, ring", "32 sequences"):
         assert edge in labels, edge
     step = doctor.decode_step_checks(engine, steps=4)
     assert [r.ok for r in step] == [True], [r.why() for r in step]

@@ -642,10 +642,9 @@ int gptoss_linear_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
                     xbs[t] = x + (t0 + t) * K;
                 }
 #if defined(__AVX512BF16__)
-                if (native_bf16 && T <= 2)
+                if (native_bf16)   // one vdpbf16ps per 32 products, any number of tokens
                     up_to<NR>(R, [&](auto r) {
-                        if (T == 1) bf16_dots<1, r()>(xbs, w + row * K, K, acc);
-                        else bf16_dots<2, r()>(xbs, w + row * K, K, acc);
+                        up_to<NT>(T, [&](auto t) { bf16_dots<t(), r()>(xbs, w + row * K, K, acc); });
                     });
                 else
 #endif
@@ -686,6 +685,9 @@ struct AttnCall {
     float scale;
     int keys_by_position;  // slot n holds position n or one past every query: scan only [lo, p]
     void* out;             // [B, T, H, dh] contiguous, float32 or bf16
+    // attention_rows (B = 1, T = N tokens): token t reads cache row rows[t] (k, v batch strides),
+    // k_pos a [rows, S] table (row rows[t]), or null: slot s holds position s. Null: attention.
+    const int64_t* rows = nullptr;
 };
 
 struct AttnScratch {
@@ -790,8 +792,10 @@ void attend_item(const AttnCall& a, int64_t b, int64_t kh, int64_t t, AttnScratc
     const int64_t G = a.H / a.K, dh = a.dh, S = a.S;
     const int64_t* st = a.st;
     const X* q = static_cast<const X*>(a.q) + b * st[0] + t * st[1] + kh * G * st[2];
-    const X* k = static_cast<const X*>(a.k) + b * st[3] + kh * st[5];
-    const X* v = static_cast<const X*>(a.v) + b * st[6] + kh * st[8];
+    const int64_t bk = a.rows ? a.rows[t] : b;    // the batch row of the keys and values
+    const X* k = static_cast<const X*>(a.k) + bk * st[3] + kh * st[5];
+    const X* v = static_cast<const X*>(a.v) + bk * st[6] + kh * st[8];
+    const int64_t* k_pos = a.k_pos ? a.k_pos + (a.rows ? bk * S : 0) : nullptr;   // null: slot s at s
     const int64_t pos = a.q_pos[t];
     const int64_t first = a.window > 0 ? pos - a.window + 1 : 0;
     int64_t lo = 0, hi = S;                       // slots scanned
@@ -801,7 +805,7 @@ void attend_item(const AttnCall& a, int64_t b, int64_t kh, int64_t t, AttnScratc
     }
     int64_t n = 0;
     for (int64_t s = lo; s < hi; ++s) {
-        const int64_t kp = a.k_pos[s];
+        const int64_t kp = k_pos ? k_pos[s] : s;
         if (kp >= 0 && kp <= pos && kp >= first) w.slots[n++] = s;
     }
     for (int64_t g = 0; g < G; ++g)
@@ -864,8 +868,13 @@ void attend_all(const AttnCall& a, int n_threads) {
         w.q.resize(size_t(G * a.dh));
         w.p.resize(size_t(G * a.S));
         w.o.resize(size_t(G * a.dh));
-        for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i)
-            attend_item<X>(a, i / (a.K * a.T), i / a.T % a.K, i % a.T, w);   // i = (b K + kh) T + t
+        for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i) {
+            if (a.rows)   // i = t K + kh: a token's kv heads one after another, so the lines of its
+                          // cache rows that one head's item brings in (prefetch) serve the next
+                attend_item<X>(a, 0, i % a.K, i / a.K, w);
+            else
+                attend_item<X>(a, i / (a.K * a.T), i / a.T % a.K, i % a.T, w);   // i = (b K + kh) T + t
+        }
     }, items);
 }
 
@@ -883,6 +892,31 @@ int gptoss_attention(const void* q, const void* k, const void* v, const int64_t*
     if (B < 0 || T < 0 || S < 0 || H <= 0 || K <= 0 || dh <= 0 || H % K || window < 0) return -1;
     if (B == 0 || T == 0) return 0;
     const AttnCall a{q, k, v, strides, B, T, H, S, K, dh, sinks, q_pos, k_pos, window, scale, keys_by_position, out};
+    if (bf16) attend_all<uint16_t>(a, n_threads);
+    else attend_all<float>(a, n_threads);
+    return 0;
+}
+
+// ``ops.attention_rows``: q [N, H, dh] (strides[0..1]: token, head), k, v caches [B, S, K, dh]
+// (strides[2..7]: k row/slot/head, v row/slot/head); rows, pos [N] int64; k_pos [B, S] int64
+// contiguous (a ring's table) or null (full cache: slot s holds s, slots past pos not read);
+// out [N, H, dh] contiguous. Work items: (kv head, token), each reading its own row's keys once
+// for the G heads that share them; split over the threads as for ``gptoss_attention``.
+int gptoss_attention_rows(const void* q, const void* k, const void* v, const int64_t* strides,
+                          int64_t N, int64_t H, int64_t B, int64_t S, int64_t K, int64_t dh,
+                          const float* sinks, const int64_t* rows, const int64_t* pos, const int64_t* k_pos,
+                          int64_t window, float scale, void* out, int bf16, int n_threads) {
+    if (N < 0 || B <= 0 || S < 0 || H <= 0 || K <= 0 || dh <= 0 || H % K || window < 0) return -1;
+    for (int64_t n = 0; n < N; ++n)
+        if (rows[n] < 0 || rows[n] >= B || pos[n] < 0) return -2;
+    if (N == 0 || S == 0) {
+        if (N) std::memset(out, 0, size_t(N * H * dh) * (bf16 ? 2 : 4));   // only the sink: output 0
+        return 0;
+    }
+    const int64_t st[9] = {0, strides[0], strides[1], strides[2], strides[3], strides[4],
+                           strides[5], strides[6], strides[7]};
+    AttnCall a{q, k, v, st, 1, N, H, S, K, dh, sinks, pos, k_pos, window, scale, k_pos == nullptr, out};
+    a.rows = rows;
     if (bf16) attend_all<uint16_t>(a, n_threads);
     else attend_all<float>(a, n_threads);
     return 0;

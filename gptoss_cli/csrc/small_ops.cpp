@@ -12,8 +12,8 @@
 // multiply-adds (PyTorch rounds each product). Sums are accumulated in another order than
 // PyTorch's, so a norm or a logit may differ in its last float32 bit.
 //
-// C ABI (loaded with ctypes, built with cpu_ops.cpp into one library): gptoss_rope_store and
-// gptoss_add_rmsnorm below; 0, or a negative code on bad input.
+// C ABI (loaded with ctypes, built with cpu_ops.cpp into one library): gptoss_rope_store,
+// gptoss_rope_store_rows and gptoss_add_rmsnorm below; 0, or a negative code on bad input.
 
 #pragma GCC optimize("fp-contract=off")
 
@@ -77,6 +77,32 @@ void rope_store(const X* q, const X* k, const X* v, const int64_t* st, int64_t B
                     store(out + d, bv ? widen(vr[d]) + widen(bv[j * dh + d]) : widen(vr[d]));
             }
         }
+}
+
+// ``rope_store`` for N sequences, one token each: token n's k, v go to cache row rows[n], slot
+// slots[n]. st: q, k, v by token/head (6), k_cache, v_cache by row/slot/head (6).
+template <class X>
+void rope_store_rows(const X* q, const X* k, const X* v, const int64_t* st, int64_t N, int64_t H, int64_t K,
+                     int64_t dh, const float* cos, const float* sin, const int64_t* rows, const int64_t* pos,
+                     const int64_t* slots, X* kc, X* vc, const X* bias, X* q_out) {
+    const X* bq = bias;
+    const X* bk = bias ? bias + H * dh : nullptr;
+    const X* bv = bias ? bias + (H + K) * dh : nullptr;
+    const int64_t h = dh / 2;
+    for (int64_t n = 0; n < N; ++n) {
+        const float* c = cos + pos[n] * h;
+        const float* s = sin + pos[n] * h;
+        for (int64_t i = 0; i < H; ++i)
+            rotate(q + n * st[0] + i * st[1], bq ? bq + i * dh : nullptr, c, s, dh, q_out + (n * H + i) * dh);
+        for (int64_t j = 0; j < K; ++j) {
+            rotate(k + n * st[2] + j * st[3], bk ? bk + j * dh : nullptr, c, s, dh,
+                   kc + rows[n] * st[6] + slots[n] * st[7] + j * st[8]);
+            const X* vr = v + n * st[4] + j * st[5];
+            X* out = vc + rows[n] * st[9] + slots[n] * st[10] + j * st[11];
+            for (int64_t d = 0; d < dh; ++d)
+                store(out + d, bv ? widen(vr[d]) + widen(bv[j * dh + d]) : widen(vr[d]));
+        }
+    }
 }
 
 // dot(a, b) over n in float32, 16 partial sums (vectorized by the compiler without -ffast-math).
@@ -185,6 +211,38 @@ int gptoss_rope_store(const void* q, const void* k, const void* v, const int64_t
         rope_store(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
                    strides, B, T, H, K, dh, cos, sin, pos, slots, static_cast<float*>(k_cache),
                    static_cast<float*>(v_cache), static_cast<const float*>(bias), static_cast<float*>(q_out));
+    return 0;
+}
+
+// ``ops.rope_store_rows``: q [N, H, dh], k, v [N, K, dh] (float32, or bf16 when bf16), k_cache,
+// v_cache [B, S, K, dh]; strides[12] in elements: q, k, v by token/head, k_cache, v_cache by
+// row/slot/head (last dims contiguous). cos, sin [P, dh/2] float32; rows, pos [N] int64;
+// ring_pos [B, S] int64 contiguous (a ring: slot pos mod S, ring_pos[row, slot] = pos) or null
+// (full: slot pos, which must be < S); bias [H*dh + 2*K*dh] or null; q_out [N, H, dh] contiguous.
+// One thread: at 64 tokens of gpt-oss-20b it is ~1 MB of activations, tens of microseconds.
+int gptoss_rope_store_rows(const void* q, const void* k, const void* v, const int64_t* strides,
+                           int64_t N, int64_t H, int64_t K, int64_t dh, int64_t B, int64_t S, int64_t P,
+                           const float* cos, const float* sin, const int64_t* rows, const int64_t* pos,
+                           int64_t* ring_pos, void* k_cache, void* v_cache, const void* bias, void* q_out, int bf16) {
+    if (N < 0 || H <= 0 || K <= 0 || dh <= 0 || dh % 2 || dh > MAX_DH || B <= 0 || S <= 0) return -1;
+    std::vector<int64_t> slots(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+        if (pos[n] < 0 || pos[n] >= P) return -2;
+        if (rows[n] < 0 || rows[n] >= B) return -3;
+        slots[size_t(n)] = ring_pos ? pos[n] % S : pos[n];
+        if (slots[size_t(n)] >= S) return -4;
+    }
+    if (ring_pos)
+        for (int64_t n = 0; n < N; ++n) ring_pos[rows[n] * S + slots[size_t(n)]] = pos[n];
+    if (bf16)
+        rope_store_rows(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
+                        static_cast<const uint16_t*>(v), strides, N, H, K, dh, cos, sin, rows, pos, slots.data(),
+                        static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
+                        static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(q_out));
+    else
+        rope_store_rows(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
+                        strides, N, H, K, dh, cos, sin, rows, pos, slots.data(), static_cast<float*>(k_cache),
+                        static_cast<float*>(v_cache), static_cast<const float*>(bias), static_cast<float*>(q_out));
     return 0;
 }
 

@@ -17,7 +17,9 @@ The expert MLP of gpt-oss: ``h = W1 x + b1`` (rows interleaved: even = gate, odd
 - decode, a handful of tokens (``moe_decode.py``): ``_moe_gemv1`` (W1 with the SwiGLU epilogue)
   and ``_moe_gemv2`` (W2, the last of a token's k pairs summing them in slot order) read only
   the chosen experts, ~360 programs each; bf16 runs on the tensor cores within an instruction
-  budget (that module's docstring), fp32 and fp16 on the CUDA cores;
+  budget (that module's docstring), fp32 and fp16 on the CUDA cores; a batched decode step of
+  5-32 bf16 tokens (``moe_batch.py``): the same GEMV loop with the expert's tokens as the MMA's
+  columns, one program per (row block, expert in use), so each expert is read once;
 - prefill, many tokens (tiled grouped GEMM, cf. MegaBlocks arXiv:2211.15841 and triton_kernels'
   ``matmul_ogs``): the (token, expert) pairs are sorted by expert and cut into tiles of
   ``BLOCK_M`` rows of one expert (a tile table built on the device, no host sync). ``_moe_gemm1``
@@ -40,6 +42,7 @@ import triton.language as tl
 from gptoss_cli import ops
 
 from .arrive import arrive, counters, reset
+from .moe_batch import BATCH_MAX_TOKENS, batch_moe
 from .moe_decode import DECODE_MAX_TOKENS, _swiglu, gemv_moe, scales_fit
 
 # DECODE_MAX_TOKENS: up to that many tokens the GEMVs (moe_decode.py) read one expert matrix per
@@ -347,6 +350,14 @@ def uses_gemv(x: torch.Tensor, w1_scales: torch.Tensor, w2_scales: torch.Tensor)
     return x.dtype != torch.bfloat16 or (scales_fit(w1_scales) and scales_fit(w2_scales))
 
 
+def uses_batch_gemv(x: torch.Tensor, w1_scales: torch.Tensor, w2_scales: torch.Tensor) -> bool:
+    """Whether ``moe`` runs the batched decode GEMVs (``moe_batch``: each expert read once for
+    all its tokens) on x [N, D]: bf16, more tokens than the GEMVs take and at most
+    ``BATCH_MAX_TOKENS`` (a batched decode step), scales the bf16 dot is exact for."""
+    return (x.dtype == torch.bfloat16 and DECODE_MAX_TOKENS < x.shape[0] <= BATCH_MAX_TOKENS
+            and scales_fit(w1_scales) and scales_fit(w2_scales))
+
+
 def moe(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor,
     w1_blocks: torch.Tensor, w1_scales: torch.Tensor, w1_bias: torch.Tensor,
@@ -366,6 +377,9 @@ def moe(
     if uses_gemv(x, w1_scales, w2_scales):
         return gemv_moe(x, weights, experts, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
                         top_k, swiglu_limit, out)
+    if uses_batch_gemv(x, w1_scales, w2_scales):
+        return batch_moe(x, weights, experts, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias,
+                         top_k, swiglu_limit, out)
     a = torch.empty(P, F, dtype=x.dtype, device=x.device)       # SwiGLU outputs, one row a pair
     # fp32 dots run on the FMA units (no tensor cores): smaller tiles keep them in registers
     block_m, block_n, block_c = (32, 32, 16) if x.dtype == torch.float32 else (64, 64, 32)
