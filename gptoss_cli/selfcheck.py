@@ -133,7 +133,8 @@ def cases(model, quick: bool = False, seed: int = 0) -> list[Case]:
     W, S = cfg.sliding_window, model.max_context
     eps = cfg.rms_norm_eps
     wb, fb = _layers(model)
-    P = 8 if quick else min(W + 22, S - 40)           # a prefill; the full set's crosses the window
+    # a prefill; the full set's crosses the window where the context allows
+    P = min(8, S - 1) if quick else max(min(8, S - 1), min(W + 22, S - 40))
     out: list[Case] = []
 
     # norms, and the router fused with the residual add and the norm
@@ -176,6 +177,12 @@ def cases(model, quick: bool = False, seed: int = 0) -> list[Case]:
     return out
 
 
+def _wrapped(W: int, S: int) -> int:
+    """A position at which the ring of W slots has gone round three times, within a context of S
+    positions (RoPE's table has no row past it; a short context caps it there)."""
+    return min(3 * W + 5, S - 1)
+
+
 def _rope_cases(model, inp: _Inputs, wb, fb, P: int, quick: bool) -> list[Case]:
     cfg = model.cfg
     H, K, dh, W, S = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.sliding_window, model.max_context
@@ -195,11 +202,11 @@ def _rope_cases(model, inp: _Inputs, wb, fb, P: int, quick: bool) -> list[Case]:
     p = min(2047, S - 1)                                   # the cache only needs to hold p
     out.append(case(f"decode, full cache at {p}", 1, min(S, p + 64), torch.tensor([p], device=dev),
                     torch.tensor([p], device=dev), None, fb.qkv_b))
-    wrapped = 3 * W + 5                                    # the ring has gone round three times
+    wrapped = _wrapped(W, S)                               # the ring has gone round three times
     ring = torch.tensor([wrapped - ((wrapped - s) % W) for s in range(W)], device=dev)   # slot s's position
     out.append(case(f"decode, ring wrapped at {wrapped}", 1, W, torch.tensor([wrapped], device=dev), None,
                     ring, wb.qkv_b))
-    start = 37
+    start = max(0, min(37, S - P))                         # positions within the context
     pos = torch.arange(start, start + P, device=dev)
     out.append(case(f"prefill {P} at {start}, full cache", P, min(S, start + P + 64), pos, pos, None, fb.qkv_b))
     if not quick:
@@ -271,6 +278,9 @@ def _rows_cases(model, inp: _Inputs, wb, fb, quick: bool) -> list[Case]:
         return table.to(dev)
 
     def rope(label, positions, n_pad, ring, b):
+        if any(p >= S for p in positions):                 # RoPE's table holds the context's positions
+            positions = tuple(min(p, S - 1) for p in positions)
+            label += f" (positions capped at {S - 1})"
         rows, pos = batch(positions, n_pad)
         N, B = rows.shape[0], len(positions) + 1
         q, k, v = tokens(N, n_pad, H), tokens(N, n_pad, K), tokens(N, n_pad, K)
@@ -282,6 +292,9 @@ def _rows_cases(model, inp: _Inputs, wb, fb, quick: bool) -> list[Case]:
                     nbytes=3 * _nbytes(q) + 4 * _nbytes(k), rows=N)
 
     def attend(label, positions, n_pad, window, sinks):
+        if not window and any(p >= S_full for p in positions):   # a full layer holds S_full slots
+            positions = tuple(min(p, S_full - 1) for p in positions)
+            label += f" (positions capped at {S_full - 1})"
         rows, pos = batch(positions, n_pad)
         N, B = rows.shape[0], len(positions) + 1
         q = tokens(N, n_pad, H)
@@ -292,7 +305,7 @@ def _rows_cases(model, inp: _Inputs, wb, fb, quick: bool) -> list[Case]:
         return Case("attention_rows", label, (q, kc, vc, sinks, rows, pos, table, window, scale),
                     nbytes=2 * _nbytes(q) + 2 * live * K * dh * kc.element_size(), rows=N)
 
-    wrapped = 3 * W + 5
+    wrapped = _wrapped(W, S)
     out = [rope(f"3 sequences, ring wrapped at {wrapped}", (wrapped, W + 1, 7), 0, True, wb.qkv_b),
            attend(f"3 sequences, full, at {far}, 100, 0", (far, 100, 0), 0, 0, fb.sinks)]
     if not quick:

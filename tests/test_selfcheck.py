@@ -203,3 +203,13 @@ def test_the_load_check_is_quick_and_keeps_real_widths():
     moe = [c for c in quick if c.op == "moe"]
     assert moe[0].args[0].shape[-1] == cfg.d_model and moe[0].args[3].shape[1] == 2 * cfg.d_ff   # 256 wide: uncut
     assert len(selfcheck.cases(engine.model)) > 2 * len(quick)
+
+
+def test_a_context_shorter_than_three_windows_is_checked_within_it():
+    """The ring-wrap cases put positions where RoPE's table has rows: a 40-position context with
+    a 16-slot window (3 windows + 5 = 53 would be past it) checks every op, all OK."""
+    _native_or_skip()
+    engine = Engine.random(TINY, device="cpu", dtype="float32", max_context=40, check=False)
+    results = selfcheck.check_ops(engine.model)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+    assert any("capped at 39" in r.label for r in results if r.op == "rope_store_rows")
