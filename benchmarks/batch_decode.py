@@ -22,6 +22,7 @@ Run (quiet machine; ~4 GB of memory at 20b widths in bf16):
 
 from __future__ import annotations
 
+import gptoss_cli  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
 import argparse
 import json
 import threading

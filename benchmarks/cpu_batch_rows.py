@@ -9,6 +9,7 @@ Run on any machine:  GPTOSS_THREADS=2 python benchmarks/cpu_batch_rows.py [--row
 
 from __future__ import annotations
 
+import gptoss_cli  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
 import argparse
 import json
 import time

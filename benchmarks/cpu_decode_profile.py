@@ -13,6 +13,7 @@ load: run it twice, and compare ops within one run.
 
 from __future__ import annotations
 
+import gptoss_cli  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
 import argparse
 import collections
 import time

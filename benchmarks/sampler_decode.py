@@ -11,6 +11,7 @@ shape on the CPU, one thread, float32; a 64-token prompt, 257 generated tokens, 
 
 from __future__ import annotations
 
+import gptoss_cli  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
 import argparse
 import json
 

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import ops
+from . import cpu_ops, ops
 from .engine import Engine, GenerationStats, Prefill, Sequence
 from .errors import ContextFullError, GptossError
 from .sampling import Constraint, Sampler, SamplingParams, Step
@@ -360,8 +360,15 @@ class BatchEngine:
             r.pos += 1
         self.rounds += 1
         self.rows_decoded += len(reqs)
+        # the greedy rows' tokens in one argmax over the batch: one pass, one transfer
+        greedy = [i for i, r in enumerate(reqs) if r.sampler.greedy]
+        picked: dict[int, int] = {}
+        if len(greedy) > 1:
+            rows_logits = logits if len(greedy) == len(reqs) else logits[greedy]
+            picked = dict(zip(greedy, cpu_ops.argmax_rows(rows_logits) if rows_logits.device.type == "cpu"
+                              else rows_logits.argmax(-1).tolist()))
         for i, r in enumerate(reqs):
-            self._emit(r, r.sampler(logits[i]))
+            self._emit(r, r.sampler.take(picked[i]) if i in picked else r.sampler(logits[i]))
 
     def _static_step(self, n: int) -> "RowsStep":
         size = next((b for b in BUCKETS if b >= n), n)

@@ -193,7 +193,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.gptoss_moe.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, p, p, p, p, i32, f32, p, i32, i32]
     lib.gptoss_moe.restype = i32
-    lib.gptoss_linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32]
+    lib.gptoss_linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
     lib.gptoss_linear_bf16.restype = i32
     lib.gptoss_attention.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, f32, i32, p, i32, i32]
     lib.gptoss_attention.restype = i32
@@ -206,6 +206,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_rope_store_rows.restype = i32
     lib.gptoss_add_rmsnorm.argtypes = [p, p, p, i64, i64, p, f32, p, p, p, p, i64, i64, p, p, i32]
     lib.gptoss_add_rmsnorm.restype = i32
+    lib.gptoss_argmax_rows.argtypes = [p, i64, i64, p, i32]
+    lib.gptoss_argmax_rows.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
     return lib, f"cpu-native ({lib.gptoss_moe_simd().decode()})"
 
@@ -273,6 +275,19 @@ def moe(
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """``x.argmax(-1).tolist()`` for float32 CPU rows [R, V] (the first of equal maxima, NaN the
+    largest): the library's one pass at the memory's rate, else PyTorch's."""
+    lib, _ = _library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or not x.numel():
+        return x.argmax(-1).tolist()
+    xc = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if lib.gptoss_argmax_rows(xc.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), cpu_threads()) != 0:
+        raise ValueError(f"cpu_ops.argmax_rows: bad shape {tuple(x.shape)}")
+    return out.tolist()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``ops.linear`` on CPU tensors: the library for a few rows of bf16, else PyTorch."""
     import torch.nn.functional as F
@@ -287,12 +302,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n_out, K = weight.shape
     xc, wc = x.reshape(rows, K).contiguous(), weight.contiguous()
     bc = None if bias is None else bias.to(torch.bfloat16).contiguous()
-    y = torch.empty(rows, n_out, dtype=torch.float32)
+    y = torch.empty(rows, n_out, dtype=torch.bfloat16)
     rc = lib.gptoss_linear_bf16(xc.data_ptr(), rows, K, wc.data_ptr(), n_out,
-                                None if bc is None else bc.data_ptr(), y.data_ptr(), cpu_threads())
+                                None if bc is None else bc.data_ptr(), y.data_ptr(), 1, cpu_threads())
     if rc != 0:
         raise ValueError(f"cpu_ops.linear: bad shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    return y.to(x.dtype).view(*x.shape[:-1], n_out)
+    return y.view(*x.shape[:-1], n_out)
 
 
 def attention(

@@ -192,6 +192,18 @@ class Sampler:
         self._remember(step.token)
         return step
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the choice is the plain argmax of the logits (no adjustments, no logprobs), so
+        a batch's rows may be chosen together (``argmax`` along the last dimension picks the same
+        first maximum as one row's)."""
+        return self.p.temperature <= 0 and not self._adjusts and self.p.logprobs is None
+
+    def take(self, token: int) -> Step:
+        """Remember ``token``, chosen outside (a batch's argmax; see ``greedy``)."""
+        self._remember(token)
+        return Step(token)
+
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after bias, penalties and the constraint's mask (``logits`` is not changed)."""
         x = logits.clone()

@@ -104,6 +104,31 @@ def test_seeded_sampling_is_the_same_alone_or_beside_others(eng):
     assert got[1] == ref
 
 
+def test_greedy_rows_chosen_together_beside_sampled_ones(eng, alone):
+    """The greedy rows of a step take one argmax over the batch; sampled rows and rows asking
+    for logprobs beside them keep their own sampler, and every one gives what it gives alone."""
+    # top_k keeps the draw off rounding's edge: batched logits differ from one sequence's by
+    # ~1e-6 (not bitwise), and over the random model's ~180,000 near-equal tokens of top_p 0.9
+    # such a difference can move an inverse-CDF draw by one token (seen at 4-5 rows, token 12)
+    sampled = SamplingParams(temperature=1.0, top_k=40)
+    logprobs = SamplingParams(temperature=0, logprobs=2)
+    eng._reset()
+    ref_sampled = [s.token for s in eng.stream(PROMPTS[1], sampled, 20, seed=5)]
+    eng._reset()
+    ref_lp = list(eng.stream(PROMPTS[3], logprobs, 20))
+    be = BatchEngine(eng, 5)
+    reqs = [be.submit(PROMPTS[0], GREEDY, 24), be.submit(PROMPTS[1], sampled, 20, seed=5),
+            be.submit(PROMPTS[2], GREEDY, 24), be.submit(PROMPTS[3], logprobs, 20), be.submit(PROMPTS[4], GREEDY, 24)]
+    lp = list(reqs[3])
+    assert [r.tokens_out() for r in (reqs[0], reqs[2], reqs[4])] == [alone[0], alone[2], alone[4]]
+    assert reqs[1].tokens_out() == ref_sampled
+    assert [s.token for s in lp] == [s.token for s in ref_lp] == alone[3][:20]
+    for got, ref in zip(lp, ref_lp):
+        assert [t for t, _ in got.top] == [t for t, _ in ref.top] and len(got.top) == 2
+        assert [v for _, v in got.top] == pytest.approx([v for _, v in ref.top], abs=1e-4)
+        assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+
+
 def test_cancelling_one_never_changes_another(eng, alone):
     be = BatchEngine(eng, 3)
     reqs = [be.submit(p, GREEDY, 24) for p in PROMPTS[:3]]

@@ -111,6 +111,45 @@ def test_native_bf16_linear_matches_torch(monkeypatch, rows, n_out, K, bias):
                        torch.nn.functional.linear(x32, w.float(), None if b is None else b.float()))
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8, 11])
+@pytest.mark.parametrize("n_out,K", [(64, 64), (37, 96), (201, 2880)])
+def test_native_bf16_linear_rounds_as_torch(monkeypatch, rows, n_out, K):
+    """The library's bf16 output (whole 4 x 4 tiles round 16 sums at once, the rest one by one)
+    is exactly its own float32 output rounded by PyTorch: nearest even, ties and all."""
+    lib, why = cpu_ops._library()
+    if lib is None:
+        pytest.skip(why)
+    monkeypatch.setenv(cpu_ops.THREADS_ENV, "2")
+    g = torch.Generator().manual_seed(rows * n_out + K)
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    w = torch.randn(n_out, K, generator=g).bfloat16()
+    b = torch.randn(n_out, generator=g).bfloat16()
+    y32 = torch.empty(rows, n_out)
+    y16 = torch.empty(rows, n_out, dtype=torch.bfloat16)
+    for y, as_bf16 in ((y32, 0), (y16, 1)):
+        assert lib.gptoss_linear_bf16(x.data_ptr(), rows, K, w.data_ptr(), n_out, b.data_ptr(), y.data_ptr(),
+                                      as_bf16, 2) == 0
+    assert torch.equal(y16, y32.to(torch.bfloat16))
+    assert rel_err(y32, x.float() @ w.float().T + b.float()) < 1e-5
+
+
+def test_native_argmax_rows_is_torchs():
+    """A batch's greedy tokens from the library: torch.argmax's answers, the first of equal
+    maxima (in one vector lane and across lanes), the first NaN, all -inf, short rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1000, generator=g)
+    x[0, 50] = x[0, 70] = x[0, 990] = 100.0      # lanes 2, 6, 14: the first wins
+    x[1, 20] = x[1, 36] = 100.0                  # one lane
+    x[2, 3] = x[2, 900] = float("nan")
+    x[3, 999] = float("nan")                     # in the tail after the vector loop
+    x[4] = float("-inf")
+    x[5, 997] = 100.0
+    assert cpu_ops.argmax_rows(x) == x.argmax(-1).tolist() == [50, 20, 3, 999, 0, 997]
+    for shape in [(1, 5), (3, 16), (2, 17), (8, 201088)]:
+        y = torch.randn(*shape, generator=g)
+        assert cpu_ops.argmax_rows(y) == y.argmax(-1).tolist(), shape
+
+
 def test_ctrl_c_at_20b_shapes_stops_within_one_token(monkeypatch):
     """gpt-oss-20b's real shapes (one of its 24 layers, bf16) on CPU: a SIGINT in the middle of a
     reply raises KeyboardInterrupt before a second token comes out (each native call returns
