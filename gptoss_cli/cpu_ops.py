@@ -206,6 +206,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.gptoss_rope_store_rows.restype = i32
     lib.gptoss_add_rmsnorm.argtypes = [p, p, p, i64, i64, p, f32, p, p, p, p, i64, i64, p, p, i32]
     lib.gptoss_add_rmsnorm.restype = i32
+    lib.gptoss_linear_f32.argtypes = [p, i64, i64, p, i64, p, p, i32]
+    lib.gptoss_linear_f32.restype = i32
     lib.gptoss_argmax_rows.argtypes = [p, i64, i64, p, i32]
     lib.gptoss_argmax_rows.restype = i32
     lib.gptoss_moe_simd.restype = ctypes.c_char_p
@@ -288,11 +290,33 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
     return out.tolist()
 
 
+def _linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """A few float32 rows through the library (a decode step's projections: one row too, which
+    it streams 1.6-2x as fast as PyTorch's gemv); None where the library cannot (no AVX-512)."""
+    lib, _ = _library()
+    if lib is None:
+        return None
+    n_out, K = weight.shape
+    xc, wc = x.reshape(rows, K).contiguous(), weight.contiguous()
+    bc = None if bias is None else bias.float().contiguous()
+    y = torch.empty(rows, n_out, dtype=torch.float32)
+    rc = lib.gptoss_linear_f32(xc.data_ptr(), rows, K, wc.data_ptr(), n_out, None if bc is None else bc.data_ptr(),
+                               y.data_ptr(), cpu_threads())
+    if rc == -2:
+        return None
+    if rc != 0:
+        raise ValueError(f"cpu_ops.linear: bad shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y.view(*x.shape[:-1], n_out)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``ops.linear`` on CPU tensors: the library for a few rows of bf16, else PyTorch."""
+    """``ops.linear`` on CPU tensors: the library for a few rows (bf16 or float32), else PyTorch."""
     import torch.nn.functional as F
 
     rows = x.numel() // max(1, x.shape[-1])
+    if weight.dtype == x.dtype == torch.float32 and rows <= LINEAR_MAX_ROWS:
+        y = _linear_f32(x, weight, bias, rows)
+        return F.linear(x, weight, bias) if y is None else y
     if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or rows > LINEAR_MAX_ROWS \
             or x.shape[-1] % 16:
         return F.linear(x, weight, bias)

@@ -106,9 +106,15 @@ def test_native_bf16_linear_matches_torch(monkeypatch, rows, n_out, K, bias):
     cpu_y = ops.linear(x, w, b)
     assert cpu_y.shape == (1, rows, n_out) and cpu_y.dtype == torch.bfloat16
     assert rel_err(cpu_y, ref_y) < 8e-3
-    x32 = x.float()    # float32 activations, and bf16 prefill above LINEAR_MAX_ROWS: PyTorch's own
-    assert torch.equal(cpu_ops.linear(x32, w.float(), None if b is None else b.float()),
-                       torch.nn.functional.linear(x32, w.float(), None if b is None else b.float()))
+    # float32: the library's own projection (partial 4 x 4 tiles at 3 rows, a K tail at 48)
+    x32, w32, b32 = x.float(), w.float(), None if b is None else b.float()
+    y32 = cpu_ops.linear(x32, w32, b32)
+    exact = x32.double() @ w32.double().T + (0 if b32 is None else b32.double())
+    assert y32.dtype == torch.float32 and rel_err(y32, exact) < 1e-6
+    # prefill, above LINEAR_MAX_ROWS: PyTorch's own
+    many = torch.randn(cpu_ops.LINEAR_MAX_ROWS + 1, K, generator=g)
+    assert torch.equal(cpu_ops.linear(many, w32, b32), torch.nn.functional.linear(many, w32, b32))
+    assert torch.equal(cpu_ops.linear(many.bfloat16(), w, b), torch.nn.functional.linear(many.bfloat16(), w, b))
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8, 11])
