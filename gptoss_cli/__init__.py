@@ -4,10 +4,12 @@ import os
 
 __version__ = "0.1.0"
 
-# Two thread pools take turns in every CPU decode step: PyTorch's OpenMP workers and the native
-# library's (cpu_ops). By default OpenMP keeps its workers spinning for a while after each op, and
-# on a machine with few cores they take the cores the native workers need next: on 2 cores, the
-# logits of 8 sequences then one PyTorch op took 3.4 ms with spinning workers and 1.7 ms without
-# (PERF.md, "The batched decode step"). OpenMP reads this once, when PyTorch loads it, so it is
-# set here, before anything of ours imports torch; a policy the user chose stays.
+# PyTorch's OpenMP threads (libgomp) spin 300,000 rounds before they sleep when they wait for each
+# other. Beside a busy process the spinning thread takes the core the other one needs: the default
+# threads ran 4-26x slower than one thread (issue 26). And two pools take turns in every CPU decode
+# step, OpenMP's and the native library's (cpu_ops): on 2 cores the logits of 8 sequences then one
+# PyTorch op took 3.4 ms with spinning workers, 1.7 ms without (issue 23). Decoding at once was as
+# fast or faster everywhere measured, prefill within 3% (PERF.md). libgomp reads this once, when
+# torch loads it: set here, so that the command line, the benchmarks and any program importing
+# gptoss_cli before torch get it; a value the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import importlib
 import os
 import re
 import sys
@@ -22,13 +23,6 @@ from .config import MAX_TEMPERATURE
 from .errors import GptossError
 
 DEFAULT_MODEL = "openai/gpt-oss-20b"
-
-# PyTorch's OpenMP threads (libgomp) spin 300,000 rounds before they sleep when they wait for each
-# other; beside a busy process the spinning thread takes the core the other one needs, and the
-# default threads ran 4-26x slower than one thread (issue 26). Sleeping at once made them as fast
-# as one thread or faster, with and without a busy neighbour (PERF.md). libgomp reads this once,
-# when torch loads it: set here, before any subcommand imports torch; a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 class _App(typer.Typer):
     """The Typer app, run so that a bad option or value is one ``error:`` line (with the command's
@@ -50,7 +44,7 @@ class _App(typer.Typer):
         except exceptions.ClickException as e:
             _error(escape_markup(" ".join(e.format_message().split())))
             code = e.exit_code
-        except exceptions.Abort:
+        except _abort_classes():           # Ctrl-C at a prompt of click's
             print("aborted", file=sys.stderr)
             code = 1
         sys.exit(code if isinstance(code, int) else 0)
@@ -63,6 +57,18 @@ def _click_exceptions():
     except ImportError:
         from click import exceptions
     return exceptions
+
+
+def _abort_classes() -> tuple[type[BaseException], ...]:
+    """click's Abort: in typer.exceptions from Typer 0.29 on (its vendored click no longer has
+    it: naming it there raised AttributeError inside every exit, e.g. `gptoss --help | head`)."""
+    found = []
+    for module in ("typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), "Abort"))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(dict.fromkeys(found))
 
 
 def escape_markup(text: str) -> str:

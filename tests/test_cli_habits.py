@@ -88,6 +88,18 @@ def test_a_bad_option_is_one_error_line(tmp_path, args, words):
     assert all(w in lines[0] for w in words), lines[0]
 
 
+@pytest.mark.parametrize("args", [["--help"], ["doctor", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(tmp_path, args):
+    """`gptoss --help | head -1`: the reader is gone before the help is written; the tool ends
+    (as Rich does, exit 1) without a traceback."""
+    env = {**os.environ, "GPTOSS_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen(GPTOSS + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         env=env)
+    p.stdout.close()                     # before the interpreter has even started
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 1) and "Traceback" not in err, err
+
+
 # ---- one temperature range ----------------------------------------------------------------------
 
 def test_one_temperature_range_for_chat_eval_and_serve(tmp_path):
