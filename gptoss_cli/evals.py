@@ -413,12 +413,15 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
         from .batch import default_parallel
 
         parallel = 1 if target else default_parallel(engine.device)
+    before, t0 = set(done), time.perf_counter()
     _run_plan(engine, plan, done, temperature, max_tokens, err, lambda: output and write_report(output, report()),
               sample=target and target.run_sample, output=output, parallel=1 if target else parallel)
     final = report()
     if output is not None:
         write_report(output, final)
     print_scores(out, final["scores"])
+    print_throughput(err, [s for k, s in done.items() if k not in before], time.perf_counter() - t0,
+                     1 if target else parallel)
     if output is not None:
         err.print(f"report: {escape(str(output))}")
     if final["gate"]["failures"]:
@@ -526,7 +529,7 @@ def _run_together(engine, todo, done: dict, parallel: int, temperature: float, m
 def print_scores(console: Console, scores: list[dict]) -> None:
     """The score table; a perplexity row shows "ppl" as its effort and its scored tokens as n."""
     table = Table(title="gptoss eval", title_justify="left", caption_justify="left",
-                  caption="think: mean reasoning tokens · ppl rows: n = tokens scored")
+                  caption="think: mean reasoning tokens · tok/s: per sample\nppl rows: n = tokens scored")
     for col in ("suite", "effort", "n", "score", "95% CI", "think", "tok/s"):
         table.add_column(col, justify="left" if col in ("suite", "effort") else "right", no_wrap=True)
     for s in scores:
@@ -539,6 +542,17 @@ def print_scores(console: Console, scores: list[dict]) -> None:
             table.add_row(s["suite"], s["effort"], str(s["n"]), f"{s['accuracy']:.1%}",
                           f"{100 * s['ci_low']:.1f}–{100 * s['ci_high']:.1f}%", f"{s['mean_reasoning_tokens']:.0f}", tps)
     console.print(table)
+
+
+def print_throughput(console: Console, new: list[dict], seconds: float, parallel: int) -> None:
+    """What this run generated over its wall time. The table's tok/s is each sample's own rate,
+    which falls as more share a step; the total is what ``--parallel`` buys."""
+    graded = [s for s in new if s.get("grade") is not None]
+    if not graded or seconds <= 0:
+        return
+    gen = sum(s["tokens"]["generated"] for s in graded)
+    console.print(f"this run: {len(graded)} samples, {gen:,} tokens generated in {seconds:.1f} s: "
+                  f"{gen / seconds:,.1f} tok/s in all, {parallel} at a time")
 
 
 def list_suites(console: Console) -> None:

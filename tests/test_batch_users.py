@@ -125,9 +125,15 @@ def test_eval_parallel_gives_the_report_of_one_at_a_time(tiny_full, tmp_path, te
                                      "--parallel", n, "-o", str(out)])
         assert r.exit_code == 0, r.output
         reports.append(json.loads(out.read_text()))
+        gen = sum(s["tokens"]["generated"] for s in reports[-1]["samples"])
+        assert f"this run: 24 samples, {gen:,} tokens generated in " in r.output and f"{n} at a time" in r.output
     one, four = reports
     assert _strip(four["samples"]) == _strip(one["samples"]) and _strip(four["scores"]) == _strip(one["scores"])
     assert len(one["samples"]) == 4 * 3 * 2
+    # resumed from a full report, nothing is generated, and no throughput is claimed
+    r = CliRunner().invoke(app, ["eval", *EVAL, "--model", str(tiny_full), "--temperature", temperature,
+                                 "--parallel", "4", "-o", str(out)])
+    assert r.exit_code == 0 and "24 of 24 samples already there" in r.output and "this run:" not in r.output
 
 
 def test_eval_parallel_ctrl_c_keeps_only_finished_samples(tiny_full, tmp_path, monkeypatch):
