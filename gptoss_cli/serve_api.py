@@ -448,7 +448,12 @@ class ChatChunks:
                 "harmony": dones[0].builder.harmony(dones[0].stop_reason, dones[0].prompt_tokens)}
 
 
+# characters that Python's str.splitlines (and so httpx's iter_lines, which many clients read SSE
+# with) takes for line ends, and that json.dumps leaves raw: escaped, an event stays one line
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj) -> bytes:
     """One server-sent event carrying ``obj`` as JSON (``[DONE]`` as is)."""
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKERS)
     return f"data: {data}\n\n".encode()

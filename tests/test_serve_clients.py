@@ -1,7 +1,8 @@
 """Our own clients of OpenAI-compatible servers (``endpoint.py``, ``bench --endpoint``) against
 what servers send: characters that ``str.splitlines`` splits on, CRLF line ends, 429 under load.
 
-The SSE cases run against ``gptoss serve`` (a logit bias makes the model write U+2028) and against
+The SSE cases run against ``gptoss serve`` (a logit bias makes the model write U+2028, which it
+escapes so that clients splitting lines as ``str.splitlines`` does read whole events) and against
 a stand-in written with the standard library's HTTP server, for what ours never sends (CRLF,
 U+0085, an event split across network reads).
 """
@@ -85,6 +86,14 @@ def test_sse_events_keep_u2028_from_gptoss_serve(served):
     text = "".join(c["choices"][0]["delta"].get("content") or "" for _, c in ep.stream_chat(body) if c.get("choices"))
     ep.close()
     assert text and set(text) == {"\u2028"}
+    # a client that reads the stream with httpx's iter_lines (str.splitlines underneath) gets every
+    # event whole: the server escapes U+2028 in its JSON, which decodes to the same text
+    with httpx.stream("POST", url + "/chat/completions", json={**body, "model": MODEL, "stream": True},
+                      timeout=120) as r:
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(d) for d in data[:-1]]
+    assert data[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")) == text
 
 
 # 140 tokens: random weights never close a Harmony header, so text streams only after 128
