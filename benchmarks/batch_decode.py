@@ -81,17 +81,20 @@ def clients(url: str, B: int, prompt: int, gen: int) -> dict:
                     arrivals[i].append(time.perf_counter())
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(B)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"counts": counts, "arrivals": arrivals, "wall": time.perf_counter() - t0}
+    return {"counts": counts, "arrivals": arrivals, "wall": time.perf_counter() - t0,
+            "cpu": time.process_time() - c0}
 
 
-def served(eng: Engine, B: int, prompt: int, gen: int) -> tuple[float, float]:
+def served(eng: Engine, B: int, prompt: int, gen: int) -> tuple[float, float, float]:
     """(end-to-end, decode) total tok/s of B streams through the server, the clients in a process
-    of their own (real clients do not share the server's interpreter and its lock)."""
+    of their own (real clients do not share the server's interpreter and its lock), and the cores
+    the clients kept busy meanwhile (their CPU seconds over the wall time): on a small machine
+    they compete with the server for them."""
     import subprocess
 
     import uvicorn
@@ -120,7 +123,8 @@ def served(eng: Engine, B: int, prompt: int, gen: int) -> tuple[float, float]:
     # (perf_counter is the system's monotonic clock: the two processes' readings compare)
     start, end = max(a[0] for a in arrivals), min(a[-1] for a in arrivals)
     inside = sum(start < t <= end for a in arrivals for t in a)
-    return sum(counts) / got["wall"], inside / (end - start) if end > start else float("nan")
+    return (sum(counts) / got["wall"], inside / (end - start) if end > start else float("nan"),
+            got["cpu"] / got["wall"])
 
 
 def main() -> None:
@@ -142,31 +146,42 @@ def main() -> None:
     ctx = args.prompt + args.gen // 2
     rows = []
     in_process(eng, 1, args.prompt, 4, 0)                   # warm-up (library build, page faults)
+    # the repeats go round the stream counts (1, 2, 4, 8, 1, 2, ...), so that a slower minute of a
+    # shared machine falls on every count alike rather than on one
+    runs: dict[int, list] = {B: [] for B in streams}
+    for r in range(args.repeat):
+        for B in streams:
+            runs[B].append((in_process(eng, B, args.prompt, args.gen, r),
+                            (None, None, None) if args.no_serve else served(eng, B, args.prompt, args.gen)))
     for B in streams:
-        local = max(in_process(eng, B, args.prompt, args.gen, r) for r in range(args.repeat))
-        http = (None, None) if args.no_serve else max((served(eng, B, args.prompt, args.gen)
-                                                       for _ in range(args.repeat)), key=lambda f: f[1])
+        local = max(x for x, _ in runs[B])
+        http = max((h for _, h in runs[B]), key=lambda f: f[1] or 0)
         by = decode_bytes(cfg, ctx, eng.dtype, B)
         shared = by["attention"] + by["router"] + by["unembedding"] + by["norms"]
         E, k = cfg.n_experts, cfg.n_experts_per_token
         rows.append({"streams": B, "in_process_tok_s": local, "served_tok_s": http[1], "served_e2e_tok_s": http[0],
+                     "client_cores": http[2],
                      "experts_per_layer": E * (1 - (1 - k / E) ** B), "shared_gb": shared / 1e9,
                      "experts_gb": by["experts"] / 1e9, "step_gb": sum(by.values()) / 1e9,
                      "gb_per_token": sum(by.values()) / B / 1e9})
     base = rows[0]
     print(f"{args.preset} widths, {args.layers} layers, {eng.dtype}, {args.device}, prompt {args.prompt}, "
           f"gen {args.gen}, best of {args.repeat}")
-    print("streams  in-process tok/s (x1)  served tok/s (x1)  served e2e (x1)  experts/layer  shared GB"
-          "  experts GB  GB/token")
+    print("streams  in-process tok/s (x1)  served tok/s (x1)  served e2e (x1)  client cores  experts/layer"
+          "  shared GB  experts GB  GB/token")
 
     def cell(r: dict, key: str, width: int) -> str:
         if not r[key]:
             return "-".center(width)
         return f"{r[key]:{width - 8}.1f} ({r[key] / base[key]:.2f}x)"
 
+    def cores(r: dict) -> str:
+        return "-" if r["client_cores"] is None else f"{r['client_cores']:.2f}"
+
     for r in rows:
         print(f"{r['streams']:7d}  {cell(r, 'in_process_tok_s', 21)}  {cell(r, 'served_tok_s', 17)}"
-              f"  {cell(r, 'served_e2e_tok_s', 15)}  {r['experts_per_layer']:13.1f}  {r['shared_gb']:9.3f}"
+              f"  {cell(r, 'served_e2e_tok_s', 15)}  {cores(r):>12}"
+              f"  {r['experts_per_layer']:13.1f}  {r['shared_gb']:9.3f}"
               f"  {r['experts_gb']:10.3f}  {r['gb_per_token']:8.3f}")
     print(json.dumps({"preset": args.preset, "layers": args.layers, "dtype": str(eng.dtype), "rows": rows}))
 
