@@ -117,8 +117,8 @@ def test_native_bf16_linear_matches_torch(monkeypatch, rows, n_out, K, bias):
     assert torch.equal(cpu_ops.linear(many.bfloat16(), w, b), torch.nn.functional.linear(many.bfloat16(), w, b))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 11])
-@pytest.mark.parametrize("n_out,K", [(64, 64), (37, 96), (201, 2880)])
+@pytest.mark.parametrize("rows", [1, 4, 8, 11, 16])
+@pytest.mark.parametrize("n_out,K", [(64, 64), (37, 96), (201, 64), (201, 2880)])
 def test_native_bf16_linear_rounds_as_torch(monkeypatch, rows, n_out, K):
     """The library's bf16 output (whole 4 x 4 tiles round 16 sums at once, the rest one by one)
     is exactly its own float32 output rounded by PyTorch: nearest even, ties and all."""
