@@ -367,3 +367,23 @@ def test_scores_and_gate():
     assert gate([score], 0.0, None) == []
     assert parse_fraction("70%", "--fail-under") == pytest.approx(0.7)
     assert parse_fraction("0.25", "--fail-under") == 0.25
+
+
+def test_report_saves_are_spaced_and_flushed():
+    """The report is rewritten whole, so not after every sample: the first at once, then at most
+    one per interval, and whatever is pending when the run stops."""
+    writes = []
+    save = evals.Saver(lambda: writes.append(len(writes)), every=3600)
+    save.flush()
+    assert writes == []                           # nothing finished yet, nothing written
+    save()
+    save()
+    save()
+    assert writes == [0]
+    save.flush()
+    save.flush()
+    assert writes == [0, 1]
+    quick = evals.Saver(lambda: writes.append(len(writes)), every=0)
+    quick()
+    quick()
+    assert writes == [0, 1, 2, 3]
