@@ -16,7 +16,7 @@
 # op and the decode step against the PyTorch reference at 20b's shapes; the kernel and CUDA
 # engine tests; the decode GEMVs' instruction count with the image's Triton), then gpt-oss-20b
 # decode at a 2k prompt (CUDA graph; prefill of the 2k prompt is in the same run), prefill of an
-# 8k prompt, gpt-oss-120b (decode_20b.py skips it itself when the GPU cannot hold the ~69 GB it
+# 8k prompt, 1 and 8 streams of 20b decoded together (the batched engine), gpt-oss-120b (decode_20b.py skips it itself when the GPU cannot hold the ~69 GB it
 # needs), decode at 32k, and a per-kernel profile of one decode step. Without a GPU (or with
 # GPU_SESSION_DRY_RUN=1) every GPU step is listed as skipped and the two files are still made.
 set -u
@@ -70,7 +70,7 @@ step() {   # step NAME LIMIT_S COMMAND...: run it if a GPU and the time allow, l
   [ "$rc" = 124 ] && status="timed out"
   [ "$rc" = 3 ] && status=skipped
   local result
-  result=$(grep -E 'passed|failed|^decode  |^prefill  |OK, [0-9]+ FAIL|^skipped|sass_per_weight_value' "$WORK/$name.log" \
+  result=$(grep -E 'passed|failed|^decode  |^prefill  |OK, [0-9]+ FAIL|^skipped|sass_per_weight_value|^ +[0-9]+ +[0-9.]+ \(' "$WORK/$name.log" \
            | sed -E 's/.*"kernel": "([^"]*)".*"dtype": "bf16".*"sass_per_weight_value": ([0-9.]+).*/\1 bf16 \2 SASS a value/' \
            | grep -v '"dtype"' | tail -n 2 | tr '\n|' ' /' | cut -c1-160)
   ROWS+=("| $name | $limit | $status | $(( $(date +%s) - t0 )) | $result |")
@@ -97,10 +97,14 @@ B=benchmarks/decode_20b.py
 step doctor_20b          100 python3 -m gptoss_cli doctor --random-weights gpt-oss-20b
 step tests_kernels       100 python3 -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels_moe_decode.py \
                          tests/test_kernels_moe.py tests/test_kernels_attention.py tests/test_kernels_rope.py \
-                         tests/test_kernels_norm.py tests/test_kernels_engine.py
+                         tests/test_kernels_norm.py tests/test_kernels_engine.py tests/test_kernels_rows.py \
+                         tests/test_kernels_moe_batch.py
 step gemv_budget          20 env PYTHONPATH="$PWD/tests:${PYTHONPATH:-}" python3 tests/kernels_budget.py
 step decode_20b_2k        70 python3 $B --gen 256 --repeat 2          # the first run compiles (cached after)
 step prefill_20b_8k       50 python3 $B --prompt-len 8192 --gen 16 --repeat 1
-step decode_120b_2k      100 python3 $B --preset gpt-oss-120b --gen 128 --repeat 1
-step decode_20b_32k       60 python3 $B --prompt-len 32768 --gen 64 --repeat 1
+# issue 23's target: 8 streams of 20b decoded together, total tok/s beside one stream's
+step batch_20b_1_8        40 python3 benchmarks/batch_decode.py --device cuda --layers 24 --streams 1,8 \
+                         --gen 129 --repeat 2 --no-serve         # the first round compiles and captures
+step decode_120b_2k       80 python3 $B --preset gpt-oss-120b --gen 128 --repeat 1
+step decode_20b_32k       50 python3 $B --prompt-len 32768 --gen 64 --repeat 1
 step decode_20b_profile   30 python3 $B --gen 16 --repeat 1 --profile
