@@ -430,19 +430,20 @@ def run(*, suites: list[str] | None, model: str, effort: str, limit: int | None,
                 "gate": {"fail_under": threshold, "max_perplexity": max_perplexity,
                          "passed": not failures, "failures": failures}}
 
-    if parallel is None:
+    if target:                             # an endpoint's samples go one at a time
+        parallel = 1
+    elif parallel is None:
         from .batch import default_parallel
 
-        parallel = 1 if target else default_parallel(engine.device)
+        parallel = default_parallel(engine.device)
     before, t0 = set(done), time.perf_counter()
     _run_plan(engine, plan, done, temperature, max_tokens, err, Saver(lambda: output and write_report(output, report())),
-              sample=target and target.run_sample, output=output, parallel=1 if target else parallel)
+              sample=target and target.run_sample, output=output, parallel=parallel)
     final = report()
     if output is not None:
         write_report(output, final)
     print_scores(out, final["scores"])
-    print_throughput(err, [s for k, s in done.items() if k not in before], time.perf_counter() - t0,
-                     1 if target else parallel)
+    print_throughput(err, [s for k, s in done.items() if k not in before], time.perf_counter() - t0, parallel)
     if output is not None:
         err.print(f"report: {escape(str(output))}")
     if final["gate"]["failures"]:

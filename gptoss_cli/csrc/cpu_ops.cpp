@@ -103,6 +103,14 @@ inline __m512 load16(const uint16_t* p) {   // 16 bf16 -> float32 (exact: the to
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
+
+// 16 float32 -> bf16 as to_bf16 rounds them (nearest even, by integer adds on all lanes at once)
+inline __m256i round16_bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16));
+}
 #endif
 
 // out[t][r] = dot(x[t], w[r]) over K (a multiple of 16), for T <= NT tokens and R <= NR rows;
@@ -326,7 +334,7 @@ inline __m512 sum16(const __m512* a) {
 #if defined(__AVX512BF16__)
 // A whole NT x NR tile of bf16_dots, its sums stored as 4 rows of 4 outputs: y[t * ldy + r] =
 // dot(x[t], w[r]) + bias[r] (bias may be null), float32 into yf or, when yb, rounded to bf16 as
-// to_bf16 does (nearest even, by integer adds on all 16 lanes at once) into yb.
+// to_bf16 does (round16_bf16) into yb.
 inline void bf16_tile(const uint16_t* const* x, const uint16_t* w, int64_t K, const uint16_t* bias,
                       float* yf, uint16_t* yb, int64_t ldy) {
     static_assert(NT == 4 && NR == 4, "sum16 folds a 4 x 4 tile");
@@ -351,11 +359,8 @@ inline void bf16_tile(const uint16_t* const* x, const uint16_t* w, int64_t K, co
         sums = _mm512_add_ps(sums, _mm512_load_ps(b));
     }
     if (yb) {
-        const __m512i bits = _mm512_castps_si512(sums);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
         alignas(32) uint16_t out[16];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out), round16_bf16(sums));
         for (int t = 0; t < NT; ++t) std::memcpy(yb + t * ldy, out + t * NR, NR * sizeof(uint16_t));
     } else {
         alignas(64) float out[16];
@@ -412,9 +417,7 @@ inline void bf16_narrow(const uint16_t* x, int64_t M, const uint16_t* w, int64_t
         transpose16(r);
         for (int j = 0; j < 16; ++j) wt[c + j] = r[j];
     }
-    __m512 b = _mm512_setzero_ps();
-    if (bias) b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                      reinterpret_cast<const __m256i*>(bias))), 16));
+    const __m512 b = bias ? load16(bias) : _mm512_setzero_ps();
     for (int64_t t0 = 0; t0 < M; t0 += 8)   // 8 tokens at a time: each pair vector loaded once for them
         up_to<8>(int(std::min<int64_t>(8, M - t0)), [&](auto T) {
             __m512 acc[T()];
@@ -431,10 +434,7 @@ inline void bf16_narrow(const uint16_t* x, int64_t M, const uint16_t* w, int64_t
             for (int t = 0; t < T(); ++t) {
                 const int64_t o = (t0 + t) * ldy;
                 if (yb) {
-                    const __m512i bits = _mm512_castps_si512(acc[t]);
-                    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                    const __m512i up = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(yb + o), _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(yb + o), round16_bf16(acc[t]));
                 } else {
                     _mm512_storeu_ps(yf + o, acc[t]);
                 }
